@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine with Python 3.11:
+#   make test   install into .venv (if needed) and run the test suite
+#   make demo   install into .venv (if needed) and run the platform end to end on a local Ray
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast demo install clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list or this file changes; a second run is instant.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel
+	$(PY) -m pip install --quiet -e '.[test]'
+	# MTCNN; --no-deps because its pins (torch<2.3, numpy<2) would replace our torch.
+	$(PY) -m pip install --quiet --no-deps 'facenet-pytorch==2.6.0'
+	$(PY) -c "import platform, affectray, torch, ray, facenet_pytorch; platform.system()"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/affectray demo $(DEMO_OUT)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

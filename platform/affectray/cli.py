@@ -1,0 +1,48 @@
+"""`affectray <verb>`: one entry point for every job.
+
+Each verb lives in the module that owns it, which provides
+``add_arguments(parser)`` and ``main(args) -> dict`` (the job's summary); the
+jobs/ scripts call the same two functions, so CLI, jobs and tests share code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Modules are imported only for the verb used,
+# so `affectray --help` stays fast and a verb's heavy imports cost nothing elsewhere.
+VERBS: dict[str, tuple[str, str]] = {
+    "synth": ("affectray.data.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
+    "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="affectray",
+        description="A Ray platform for video facial expression recognition.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(module_name)
+        verb_parser = sub.add_parser(
+            verb, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from affectray.runtime import emit_summary
+
+    args = build_parser().parse_args(argv)
+    summary = args._module.main(args)
+    emit_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Segment shards: the Parquet contract between ingest and everything downstream.
+
+One row is a *segment*: up to ``segment_length`` consecutive face frames of one
+face track of one video, with the aligned face JPEGs and per-frame labels.
+Frame models explode segments into frames; clip models sample windows inside a
+segment, so a window never crosses a video or a track. Any Parquet reader
+(pyarrow, fastparquet, pandas, DuckDB) reads a shard.
+
+Layout under a shard root::
+
+    <root>/shards/<unit key>.parquet     one file per work unit, written atomically
+    <root>/_done/<unit key>.json         that unit's outcome (counts or failure)
+    <root>/_manifest.json                rebuilt from _done/ at the end of every run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from affectray import storage
+
+SCHEMA_VERSION = 1
+SHARDS_DIR = "shards"
+DONE_DIR = "_done"
+MANIFEST_NAME = "_manifest.json"
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("track_id", pa.int32(), nullable=False),
+        pa.field("segment_index", pa.int32(), nullable=False),
+        pa.field("frame_index", pa.list_(pa.int32()), nullable=False),
+        pa.field("pts_seconds", pa.list_(pa.float64()), nullable=False),
+        pa.field("images", pa.list_(pa.binary()), nullable=False),
+        pa.field("labels", pa.list_(pa.int16()), nullable=False),
+        pa.field("clip_label", pa.int16(), nullable=False),
+        pa.field("valence", pa.list_(pa.float32()), nullable=True),
+        pa.field("arousal", pa.list_(pa.float32()), nullable=True),
+        pa.field("detection_score", pa.list_(pa.float32()), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ],
+    metadata={"affectray.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+@dataclass
+class Segment:
+    """Consecutive face frames of one track, before they become a Parquet row."""
+
+    video_id: str
+    track_id: int
+    frame_index: list[int] = field(default_factory=list)
+    pts_seconds: list[float] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    detection_score: list[float] | None = None
+    valence: list[float] | None = None
+    arousal: list[float] | None = None
+    clip_label: int = -1
+
+    def __len__(self) -> int:
+        return len(self.frame_index)
+
+
+def split_runs(frame_index: Sequence[int], max_length: int, max_gap: int = 1) -> list[tuple[int, int]]:
+    """Cut a track's sorted frame indices into [start, stop) runs.
+
+    A run ends after ``max_length`` frames, or where the index jumps by more
+    than ``max_gap`` (frames lost to failed detection), so a segment is a
+    stretch of nearly consecutive frames and windows inside it stay meaningful.
+    """
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(frame_index) + 1):
+        ended = i == len(frame_index) or frame_index[i] - frame_index[i - 1] > max_gap
+        if ended or i - start == max_length:
+            runs.append((start, i))
+            start = i
+    return [r for r in runs if r[1] > r[0]]
+
+
+def segments_to_table(
+    segments: Iterable[Segment], *, dataset: str, split: str, source: str
+) -> pa.Table:
+    """Segments of one work unit → a table in SEGMENT_SCHEMA, numbered per (video, track)."""
+    columns: dict[str, list[Any]] = {name: [] for name in SEGMENT_SCHEMA.names}
+    counters: dict[tuple[str, int], int] = {}
+    for seg in segments:
+        number = counters.get((seg.video_id, seg.track_id), 0)
+        counters[(seg.video_id, seg.track_id)] = number + 1
+        columns["dataset"].append(dataset)
+        columns["split"].append(split)
+        columns["video_id"].append(seg.video_id)
+        columns["track_id"].append(int(seg.track_id))
+        columns["segment_index"].append(number)
+        columns["frame_index"].append([int(i) for i in seg.frame_index])
+        columns["pts_seconds"].append([float(t) for t in seg.pts_seconds])
+        columns["images"].append(list(seg.images))
+        columns["labels"].append([int(v) for v in seg.labels])
+        columns["clip_label"].append(int(seg.clip_label))
+        columns["valence"].append(seg.valence)
+        columns["arousal"].append(seg.arousal)
+        columns["detection_score"].append(seg.detection_score)
+        columns["source"].append(source)
+    return pa.table(columns, schema=SEGMENT_SCHEMA)
+
+
+def shard_uri(root: str, key: str) -> str:
+    return storage.join(root, SHARDS_DIR, f"{key}.parquet")
+
+
+def done_uri(root: str, key: str) -> str:
+    return storage.join(root, DONE_DIR, f"{key}.json")
+
+
+def write_shard(root: str, key: str, table: pa.Table) -> dict[str, Any]:
+    """Write one shard whole (or not at all); returns its name, rows and checksum."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", row_group_size=64)
+    data = buffer.getvalue()
+    uri = shard_uri(root, key)
+    storage.write_bytes(uri, data)
+    return {
+        "file": f"{SHARDS_DIR}/{key}.parquet",
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def list_shards(root: str) -> list[str]:
+    """The shard files under a root, sorted (an empty list if there are none yet)."""
+    shards = storage.join(root, SHARDS_DIR)
+    if not storage.exists(shards):
+        return []
+    return storage.list_files(shards, suffixes=(".parquet",))
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    uri = storage.join(root, MANIFEST_NAME)
+    if not storage.exists(uri):
+        raise storage.StorageError(f"no shard manifest at {uri!r}: run `affectray ingest` into {root!r} first")
+    return storage.read_json(uri)
+
+
+def frames_per_segment(table: pa.Table) -> np.ndarray:
+    """Number of frames in each row of a shard table."""
+    return np.asarray(pa.compute.list_value_length(table.column("frame_index")))

@@ -1,0 +1,51 @@
+"""Connecting to Ray and reporting a job's result, the same way for every job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+logger = logging.getLogger("affectray")
+
+# Ray Train workers each hold a CPU slot and Ray Data tasks need slots as well;
+# on a 2-core laptop that deadlocks unless the local instance advertises more
+# logical CPUs than cores (DESIGN.md, "Ray on a small machine").
+MIN_LOCAL_CPUS = 8
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to the cluster if there is one, else start a local Ray sized for the pipelines.
+
+    ``address`` (or RAY_ADDRESS, which ``ray job submit`` sets for the driver)
+    joins an existing cluster; otherwise a local instance starts with at least
+    MIN_LOCAL_CPUS logical CPUs and no dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    return ray
+
+
+def emit_summary(summary: dict[str, Any]) -> None:
+    """Print the job's one-line JSON summary; by contract it is the last line on stdout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

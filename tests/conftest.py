@@ -1,0 +1,117 @@
+"""Shared fixtures: a moto S3 server on 127.0.0.1, a local Ray session, test data paths.
+
+The S3 server is reached only through AWS_ENDPOINT_URL, exactly as production
+code reaches MinIO or AWS, so what runs under test is the production code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+REAL_VIDEO = SHARED_DATA / "real" / "single_face.mp4"
+
+# Tests import the package from the source root even without an editable install.
+if str(REPO_ROOT / "platform") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "platform"))
+
+# Dummy credentials for moto, set before anything creates an S3 client. Real
+# credentials of whoever runs the tests must never reach the fake server.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}.items():
+    os.environ[_name] = _value
+os.environ.pop("AWS_PROFILE", None)
+# Keep Ray quiet and local in tests.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1, exported through AWS_ENDPOINT_URL for the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server; yields its s3:// URI."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    # s3fs caches listings per process; a new bucket must not see stale ones.
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """A local Ray instance reused by every test that needs one.
+
+    More logical CPUs than the 2 physical cores: Ray Train workers hold CPU
+    slots and Ray Data tasks need slots too, or pipelines deadlock (DESIGN.md).
+    Started after the S3 server so workers inherit AWS_ENDPOINT_URL.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_video() -> Path:
+    """The real face video from ../shared/data/real (72 frames, one face each)."""
+    if not REAL_VIDEO.exists():
+        pytest.fail(f"missing test data {REAL_VIDEO}: the shared/ folder must sit beside the repo")
+    return REAL_VIDEO
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory):
+    """The built-in synthetic corpus (drawn faces + real-face videos), written once."""
+    from affectray.data.synth import SynthConfig, write_sample_corpus
+
+    root = tmp_path_factory.mktemp("sample_corpus")
+    write_sample_corpus(root, SynthConfig(seed=0))
+    return root
