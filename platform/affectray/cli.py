@@ -15,6 +15,7 @@ import sys
 # so `affectray --help` stays fast and a verb's heavy imports cost nothing elsewhere.
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("affectray.data.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
+    "ingest": ("affectray.data.ingest", "turn videos, frame folders or image folders into aligned-face segment shards"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
 }
 
@@ -36,12 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from affectray.runtime import emit_summary
+    from affectray.runtime import run_job
 
     args = build_parser().parse_args(argv)
-    summary = args._module.main(args)
-    emit_summary(summary)
-    return 0
+    return run_job(args._module.main, args)
 
 
 if __name__ == "__main__":

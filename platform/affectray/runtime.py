@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger("affectray")
 
@@ -34,6 +34,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False)
     return ray
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug: reported in one line, no traceback."""
+    from affectray.config import ConfigError
+    from affectray.data.annotations import AnnotationError
+    from affectray.data.sources import SourceError
+    from affectray.labels import LabelError
+    from affectray.storage import StorageError
+    from affectray.train.checkpoint import CheckpointError
+
+    return (ConfigError, AnnotationError, SourceError, LabelError, StorageError, CheckpointError, JobError)
+
+
+class JobError(Exception):
+    """A job that cannot run as asked (nothing to read, contradictory settings)."""
+
+
+def run_job(main: Callable[[Any], dict[str, Any]], args: Any) -> int:
+    """Run a job's main, print its JSON summary last; user errors exit 2 with one clear line."""
+    try:
+        summary = main(args)
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    emit_summary(summary)
+    return 0
 
 
 def emit_summary(summary: dict[str, Any]) -> None:

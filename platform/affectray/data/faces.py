@@ -1,0 +1,246 @@
+"""Faces: MTCNN detection over frame batches, 5-point similarity alignment, JPEG coding.
+
+Detection wraps facenet-pytorch's MTCNN (weights ship inside its wheel, nothing
+downloads). Alignment maps the five MTCNN landmarks onto the ArcFace template
+with a least-squares similarity transform (Umeyama), widened by ``margin``
+because expression lives in the brows, forehead and chin that ArcFace's tight
+identity crop cuts off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "ARCFACE_TEMPLATE_112",
+    "DEFAULT_MARGIN",
+    "Detection",
+    "FaceDetector",
+    "align_face",
+    "align_faces",
+    "decode_jpeg",
+    "encode_jpeg",
+    "face_template",
+    "similarity_transform",
+]
+
+# Landmarks of an aligned 112x112 ArcFace crop (insightface), (x, y) in pixels, in
+# MTCNN's order: image-left eye, image-right eye, nose tip, left and right mouth corner.
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+
+# The crop is (1 + margin) times ArcFace's, i.e. the template shrinks toward the centre by
+# 1 / 1.25 = 0.8: brows, forehead and chin stay inside, the background stays small.
+DEFAULT_MARGIN = 0.25
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields, not detections
+class Detection:
+    """One face found by the detector, in the coordinates of the image it was asked about."""
+
+    box: np.ndarray  # [4] float32 x1, y1, x2, y2
+    score: float  # MTCNN's final-stage face probability
+    landmarks: np.ndarray  # [5, 2] float32 (x, y), in ARCFACE_TEMPLATE_112's order
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return float(max(0.0, x2 - x1) * max(0.0, y2 - y1))
+
+    def scaled(self, factor: float) -> Detection:
+        """The same face in an image resized by ``factor`` (e.g. 1 / FrameBatch.scale)."""
+        return Detection(
+            box=(self.box * factor).astype(np.float32),
+            score=self.score,
+            landmarks=(self.landmarks * factor).astype(np.float32),
+        )
+
+
+class FaceDetector:
+    """MTCNN over lists of RGB frames; frames of equal size run as one batch.
+
+    Built once per process (e.g. in a Ray actor's ``__init__``), then called per batch.
+
+    Args:
+        device: "cuda", "cpu", … ; None picks CUDA when available.
+        min_face_size: smallest face side in pixels MTCNN looks for; smaller is slower.
+        thresholds: MTCNN's P-, R- and O-net stage thresholds.
+        min_score: faces below this final probability are dropped.
+        max_batch: most frames per forward pass, bounding memory for large frames.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        min_face_size: int = 20,
+        thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        min_score: float = 0.9,
+        max_batch: int = 32,
+    ):
+        # Imported here so that modules needing only alignment or JPEG coding
+        # do not import torch and facenet-pytorch.
+        import torch
+        from facenet_pytorch import MTCNN
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.min_face_size = min_face_size
+        self.min_score = min_score
+        self.max_batch = max_batch
+        self.mtcnn = MTCNN(
+            keep_all=True,
+            select_largest=False,  # order by probability; callers pick faces themselves
+            post_process=False,
+            min_face_size=min_face_size,
+            thresholds=list(thresholds),
+            device=self.device,
+        )
+        self.mtcnn.eval()
+
+    def detect(
+        self, images: Sequence[np.ndarray], *, scale: float | Sequence[float] = 1.0
+    ) -> list[list[Detection]]:
+        """Faces in each image, most probable first.
+
+        Args:
+            images: [h, w, 3] uint8 RGB arrays; sizes may differ.
+            scale: the factor the images were resized by (FrameBatch.scale), one for all
+                or one per image; boxes and landmarks are divided by it, i.e. returned in
+                the original frame's coordinates. 1.0 keeps the images' own coordinates.
+        """
+        scales = [float(scale)] * len(images) if np.isscalar(scale) else [float(s) for s in scale]
+        if len(scales) != len(images):
+            raise ValueError(f"got {len(scales)} scales for {len(images)} images")
+        results: list[list[Detection]] = [[] for _ in images]
+        for indices in _batches_by_size(images, self.max_batch):
+            height, width = images[indices[0]].shape[:2]
+            if min(height, width) < self.min_face_size:
+                continue  # MTCNN's image pyramid is empty and it would fail on torch.cat([])
+            batch = np.stack([images[i] for i in indices])  # [B, H, W, 3] uint8
+            boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
+            for j, i in enumerate(indices):
+                results[i] = self._detections(boxes[j], probs[j], points[j], scales[i])
+        return results
+
+    def _detections(self, boxes, probs, points, scale: float) -> list[Detection]:
+        # facenet-pytorch returns None (or an object array holding None) for an image
+        # without faces, and object arrays otherwise; numpy 2 refuses arithmetic on either.
+        if boxes is None or probs is None or points is None or any(p is None for p in np.ravel(probs)):
+            return []
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale  # [N, 4]
+        probs = np.asarray(probs, dtype=np.float32).reshape(-1)  # [N]
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2) / scale  # [N, 5, 2]
+        return [
+            Detection(box=boxes[k], score=float(probs[k]), landmarks=points[k])
+            for k in range(len(probs))
+            if probs[k] >= self.min_score
+        ]
+
+
+def _batches_by_size(images: Sequence[np.ndarray], max_batch: int) -> list[list[int]]:
+    """Indices of the images grouped by shape (MTCNN batches one size), chunked to max_batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected [h, w, 3] uint8 RGB, got {image.shape} {image.dtype}")
+        groups.setdefault(image.shape, []).append(i)
+    return [ids[k : k + max_batch] for ids in groups.values() for k in range(0, len(ids), max_batch)]
+
+
+def face_template(image_size: int = 224, margin: float = DEFAULT_MARGIN) -> np.ndarray:
+    """[5, 2] float32 landmark targets in an image_size crop.
+
+    Args:
+        margin: extra context relative to ArcFace's crop, as a fraction of its side:
+            0 reproduces ArcFace's geometry, 0.25 (default) a crop 1.25x as wide.
+    """
+    unit = ARCFACE_TEMPLATE_112 / 112.0  # [5, 2] in [0, 1]
+    return ((0.5 + (unit - 0.5) / (1.0 + margin)) * image_size).astype(np.float32)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src onto dst.
+
+    Umeyama (1991), vectorised over leading dimensions; reflections are excluded.
+
+    Args:
+        src: [..., K, 2] points, e.g. detected landmarks.
+        dst: [K, 2] or [..., K, 2] target points.
+    Returns:
+        [..., 2, 3] float64 affine matrices for cv2.warpAffine.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.broadcast_to(np.asarray(dst, dtype=np.float64), src.shape)
+    src_mean = src.mean(axis=-2, keepdims=True)  # [..., 1, 2]
+    dst_mean = dst.mean(axis=-2, keepdims=True)
+    src_c, dst_c = src - src_mean, dst - dst_mean  # [..., K, 2]
+    cov = np.swapaxes(dst_c, -1, -2) @ src_c / src.shape[-2]  # [..., 2, 2]
+    u, s, vt = np.linalg.svd(cov)
+    # Flip the last axis where the best orthogonal map would be a reflection.
+    d = np.sign(np.linalg.det(u) * np.linalg.det(vt))  # [...]
+    d = np.where(d == 0, 1.0, d)
+    u[..., :, 1] *= d[..., None]
+    s[..., 1] *= d
+    rotation = u @ vt  # [..., 2, 2]
+    src_var = (src_c**2).sum(axis=(-2, -1)) / src.shape[-2]  # [...]
+    scale = s.sum(axis=-1) / np.maximum(src_var, 1e-12)  # [...]
+    linear = scale[..., None, None] * rotation  # [..., 2, 2]
+    translation = dst_mean[..., 0, :] - (linear @ src_mean[..., 0, :, None])[..., 0]  # [..., 2]
+    return np.concatenate([linear, translation[..., None]], axis=-1)
+
+
+def align_face(
+    image: np.ndarray, landmarks: np.ndarray, image_size: int = 224, margin: float = DEFAULT_MARGIN
+) -> np.ndarray:
+    """[image_size, image_size, 3] face crop with its five landmarks on face_template(image_size, margin).
+
+    Args:
+        image: [h, w, 3] uint8 RGB frame, in the coordinates of ``landmarks``.
+        landmarks: [5, 2] (x, y) in MTCNN's order.
+    """
+    return align_faces(image, np.asarray(landmarks)[None], image_size, margin)[0]
+
+
+def align_faces(
+    image: np.ndarray, landmarks: np.ndarray, image_size: int = 224, margin: float = DEFAULT_MARGIN
+) -> np.ndarray:
+    """[N, image_size, image_size, 3] crops of the N faces of one frame; landmarks is [N, 5, 2]."""
+    matrices = similarity_transform(landmarks, face_template(image_size, margin))  # [N, 2, 3]
+    crops = np.empty((len(matrices), image_size, image_size, 3), dtype=np.uint8)
+    for k, matrix in enumerate(matrices):
+        # Black outside the frame, as insightface does: replicated edges draw fake texture.
+        crops[k] = cv2.warpAffine(
+            image, matrix, (image_size, image_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+        )
+    return crops
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of a [h, w, 3] uint8 RGB image."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"cannot JPEG-encode an image of shape {rgb.shape} and dtype {rgb.dtype}")
+    return buffer.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """[h, w, 3] uint8 RGB of JPEG (or PNG, …) bytes."""
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode {len(data)} bytes as an image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

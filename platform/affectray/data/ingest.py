@@ -1,0 +1,483 @@
+"""Ingest video and frame corpora into aligned-face segment shards, on Ray Data.
+
+    affectray ingest SOURCE OUT --layout videos --annotations EXPR_Set/ --dataset affwild2
+
+Each work unit (a video, a folder of aligned frames, a chunk of images) is one
+row of a Ray Data dataset and becomes one shard, written whole under a name
+derived from the input, so a re-run skips finished units and never duplicates
+rows. Videos stream through PyAV in frame batches; MTCNN runs batched in an
+actor pool (a GPU per actor when the cluster has GPUs), each face is aligned
+by its five landmarks, JPEG-encoded and linked into tracks; tracks are cut into
+segments. A unit that fails (corrupt, truncated, not a video, no face) is
+recorded with its reason and the rest goes on. OUT/_manifest.json is rebuilt
+from every unit's outcome at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from affectray import storage
+from affectray.data import shards
+from affectray.data.sources import LAYOUTS, WorkUnit, list_units
+
+logger = logging.getLogger("affectray.ingest")
+
+Layout = Literal["videos", "aligned-frames", "image-folder", "dfew-csv"]
+
+
+@dataclass
+class IngestConfig:
+    source: str
+    out: str
+    layout: Layout = "videos"
+    annotations: str | None = None  # Aff-Wild2 EXPR or VA txt files, matched to videos by name
+    csv: str | None = None  # dfew-csv: the split file (default: the one *.csv at SOURCE)
+    dataset: str = "custom"
+    split: str = "train"
+    image_size: int = 224
+    all_faces: bool = False  # keep every face track, not only the largest
+    segment_length: int = 64  # most frames per segment row
+    max_gap: int = 4  # a jump of more frames than this (no face found) starts a new segment
+    frames_fps: float = 30.0  # time base for frame folders, which carry no timestamps
+    detect_max_side: int = 640  # frames are downscaled to this for MTCNN; alignment uses full size
+    decode_max_side: int = 1280  # bounds memory for 4K input; faces are aligned from these frames
+    decode_batch: int = 32
+    min_face_score: float = 0.9
+    min_face_size: int = 20
+    min_track_frames: int = 3  # shorter tracks are detector flicker, not faces
+    jpeg_quality: int = 90
+    images_per_unit: int = 512
+    workers: int | None = None  # actor pool size; default: one per GPU, else half the CPUs
+    gpus_per_worker: float = 1.0
+    overwrite: bool = False  # re-process units that are already done
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.image_size < 16 or self.segment_length < 1 or self.max_gap < 1:
+            raise ValueError("image_size >= 16, segment_length >= 1 and max_gap >= 1 are required")
+
+
+@dataclass
+class UnitResult:
+    """What happened to one work unit: written to OUT/_done/<key>.json."""
+
+    key: str
+    source: str
+    status: Literal["ok", "partial", "failed"]
+    reason: str = ""
+    frames: int = 0  # frames (or images) read
+    frames_with_face: int = 0
+    multi_face_frames: int = 0
+    tracks: int = 0
+    rows: int = 0  # segments written
+    face_frames: int = 0  # frames written into segments
+    label_counts: dict[str, int] = field(default_factory=dict)
+    shard: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+class UnitProcessor:
+    """Turns one work unit into one shard. Ray Data runs it as an actor pool.
+
+    The MTCNN detector is built once per actor, on first use, so frame-folder
+    and image layouts never load it.
+    """
+
+    def __init__(self, config: IngestConfig, annotation_uris: dict[str, str], torch_threads: int = 0):
+        self.config = config
+        self.annotation_uris = annotation_uris
+        self.torch_threads = torch_threads
+        self._detector = None
+
+    def detector(self):
+        if self._detector is None:
+            import torch
+
+            from affectray.data.faces import FaceDetector
+
+            if self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+            self._detector = FaceDetector(min_score=self.config.min_face_score, min_face_size=self.config.min_face_size)
+        return self._detector
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [self.process(WorkUnit.from_dict(json.loads(row))) for row in batch["unit"]]
+        return {"result": np.array([json.dumps(asdict(r)) for r in results], dtype=object)}
+
+    def process(self, unit: WorkUnit) -> UnitResult:
+        start = time.perf_counter()
+        try:
+            result, segments = self._read(unit)
+        except Exception as error:  # noqa: BLE001 - any input may be broken; record it, go on
+            result, segments = UnitResult(unit.key, unit.source, "failed", reason=_reason(error)), []
+        if segments:
+            table = shards.segments_to_table(
+                segments, dataset=self.config.dataset, split=unit.split or self.config.split, source=unit.source
+            )
+            result.shard = shards.write_shard(self.config.out, unit.key, table)
+            result.rows = table.num_rows
+            result.face_frames = sum(len(s) for s in segments)
+            result.label_counts = _label_counts(segments)
+        elif result.status == "ok":
+            result.status, result.reason = "failed", result.reason or "no face found in any frame"
+        result.seconds = round(time.perf_counter() - start, 3)
+        # The marker is written last: its presence means the shard (if any) is complete.
+        storage.write_json(shards.done_uri(self.config.out, unit.key), asdict(result))
+        return result
+
+    def _read(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
+        if unit.kind == "video":
+            return self._read_video(unit)
+        return self._read_images(unit)
+
+    # -- videos: decode → detect → align → track → segments -------------------------------
+
+    def _read_video(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
+        from affectray.data.faces import align_faces, encode_jpeg
+        from affectray.data.tracking import IoUTracker, select_tracks
+        from affectray.data.video import VideoDecodeError, iter_frames
+
+        cfg = self.config
+        result = UnitResult(unit.key, unit.source, "ok")
+        tracker = IoUTracker()
+        faces: dict[int, list[tuple[int, float, bytes, float]]] = {}  # track → (frame, pts, jpeg, score)
+        try:
+            with storage.open_input(unit.uris[0]) as stream:
+                for batch in iter_frames(stream, max_side=cfg.decode_max_side, batch_size=cfg.decode_batch):
+                    small, factor = _downscale(batch.images, cfg.detect_max_side)
+                    detections = self.detector().detect(small, scale=factor)
+                    for image, frame, pts, found in zip(batch.images, batch.frame_index, batch.pts_seconds, detections):
+                        result.frames += 1
+                        result.frames_with_face += bool(found)
+                        result.multi_face_frames += len(found) > 1
+                        ids = tracker.update(int(frame), found)
+                        if not found:
+                            continue
+                        crops = align_faces(image, np.stack([d.landmarks for d in found]), cfg.image_size)
+                        for det, track_id, crop in zip(found, ids, crops):
+                            jpeg = encode_jpeg(crop, cfg.jpeg_quality)
+                            faces.setdefault(track_id, []).append((int(frame), float(pts), jpeg, det.score))
+        except VideoDecodeError as error:
+            if result.frames == 0:
+                raise
+            # Keep what decoded before the damage; the manifest lists the unit as partial.
+            result.status, result.reason = "partial", _reason(error)
+        if result.frames == 0:
+            raise VideoDecodeError(unit.source, "no frames", "the video stream holds no decodable frame")
+        kept = select_tracks(tracker.tracks, all_faces=cfg.all_faces, min_frames=cfg.min_track_frames)
+        result.tracks = len(kept)
+        annotation = self._annotation(unit)
+        segments = []
+        for new_id, track_id in enumerate(kept):
+            frames, pts, images, scores = map(list, zip(*faces[track_id]))
+            segments += self._segments(unit, new_id, frames, pts, images, annotation, scores)
+        return result, segments
+
+    # -- frame folders and image chunks: no detection ------------------------------------
+
+    def _read_images(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
+        cfg = self.config
+        result = UnitResult(unit.key, unit.source, "ok")
+        with ThreadPoolExecutor(max_workers=8) as pool:  # object-store reads are latency-bound
+            loaded = list(pool.map(self._load_image, unit.uris))
+        bad = [(uri, err) for uri, (_, err) in zip(unit.uris, loaded) if err]
+        result.frames = len(unit.uris) - len(bad)
+        result.frames_with_face = result.frames
+        if bad:
+            result.status = "partial"
+            result.reason = f"{len(bad)} unreadable image(s), first {bad[0][0]!r}: {bad[0][1]}"
+        if len(bad) == len(unit.uris):
+            raise ValueError(f"no readable image in {unit.source!r}: {bad[0][1]}")
+        good = [(i, jpeg) for i, (jpeg, err) in enumerate(loaded) if not err]
+        if unit.kind == "images":  # every image is its own one-frame "video"
+            segments = []
+            for i, jpeg in good:
+                video_id = _image_id(cfg.source, unit.uris[i])
+                segments.append(
+                    shards.Segment(video_id, 0, [0], [0.0], [jpeg], [unit.labels[i] if unit.labels else -1])
+                )
+            return result, segments
+        frames = [unit.frame_indices[i] for i, _ in good]
+        pts = [f / cfg.frames_fps for f in frames]
+        result.tracks = 1
+        segments = self._segments(unit, 0, frames, pts, [j for _, j in good], self._annotation(unit), None)
+        return result, segments
+
+    def _load_image(self, uri: str) -> tuple[bytes | None, str]:
+        from affectray.data.faces import decode_jpeg, encode_jpeg
+
+        size = self.config.image_size
+        try:
+            data = storage.read_bytes(uri)
+            image = decode_jpeg(data)
+        except Exception as error:  # noqa: BLE001
+            return None, _reason(error)
+        if image.shape[:2] == (size, size) and data[:2] == b"\xff\xd8":
+            return data, ""  # already an aligned JPEG of the right size: keep the original bytes
+        import cv2
+
+        interpolation = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_CUBIC
+        return encode_jpeg(cv2.resize(image, (size, size), interpolation=interpolation), self.config.jpeg_quality), ""
+
+    # -- shared ------------------------------------------------------------------------
+
+    def _annotation(self, unit: WorkUnit) -> tuple[str, np.ndarray] | None:
+        from affectray.data.annotations import read_annotation
+
+        uri = self.annotation_uris.get(unit.key)
+        return None if uri is None else read_annotation(uri)
+
+    def _segments(self, unit, track_id, frames, pts, images, annotation, scores) -> list[shards.Segment]:
+        from affectray.data.annotations import frame_labels
+
+        cfg = self.config
+        kind, values = annotation if annotation else ("expr", None)
+        labels = (
+            frame_labels(values, frames) if kind == "expr" and values is not None else np.full(len(frames), -1, np.int16)
+        )
+        va = frame_labels(values, frames) if kind == "va" else None
+        segments = []
+        for start, stop in shards.split_runs(frames, cfg.segment_length, cfg.max_gap):
+            segments.append(
+                shards.Segment(
+                    video_id=unit.video_id,
+                    track_id=track_id,
+                    frame_index=frames[start:stop],
+                    pts_seconds=pts[start:stop],
+                    images=images[start:stop],
+                    labels=[int(v) for v in labels[start:stop]],
+                    detection_score=None if scores is None else [float(s) for s in scores[start:stop]],
+                    valence=None if va is None else [float(v) for v in va[start:stop, 0]],
+                    arousal=None if va is None else [float(v) for v in va[start:stop, 1]],
+                    clip_label=unit.clip_label,
+                )
+            )
+        return segments
+
+
+def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
+    """Ingest ``config.source`` into shards under ``config.out``; returns the job summary."""
+    import ray
+
+    from affectray.data.annotations import find_annotations
+    from affectray.runtime import JobError, init_ray
+
+    start = time.perf_counter()
+    listing = list_units(
+        config.source,
+        config.layout,
+        images_per_unit=config.images_per_unit,
+        csv_uri=config.csv,
+        dataset=_index_map(config.dataset),
+        split=None if config.layout == "image-folder" else config.split,
+    )
+    if not listing.units:
+        raise JobError(f"no inputs of layout {config.layout!r} found under {config.source!r}")
+    annotation_uris = find_annotations(config.annotations, listing.units) if config.annotations else {}
+    todo = listing.units if config.overwrite else _pending(config.out, listing.units)
+    logger.info("%d work units, %d already done, %d to process", len(listing.units), len(listing.units) - len(todo), len(todo))
+
+    if todo:
+        init_ray()  # after listing: a bad SOURCE fails in a second, not after Ray starts
+        has_video = any(u.kind == "video" for u in todo)
+        gpus = ray.cluster_resources().get("GPU", 0) if has_video else 0
+        workers = config.workers or (int(gpus / config.gpus_per_worker) if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
+        workers = max(1, min(workers, len(todo)))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        # Units travel as JSON text: Ray Data would turn a None list into NaN.
+        dataset = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in todo], override_num_blocks=len(todo))
+        results = dataset.map_batches(
+            UnitProcessor,
+            fn_constructor_kwargs={
+                "config": config,
+                "annotation_uris": annotation_uris,
+                # Share the physical cores between the CPU actors instead of oversubscribing them.
+                "torch_threads": 0 if gpus else max(1, (os.cpu_count() or 1) // workers),
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=config.gpus_per_worker if gpus else 0,
+            num_cpus=1,
+        ).take_all()
+        logger.info("processed %d units this run", len(results))
+
+    manifest = build_manifest(config, listing)
+    storage.write_json(storage.join(config.out, shards.MANIFEST_NAME), manifest)
+    counts = manifest["counts"]
+    return {
+        "job": "ingest",
+        "out": config.out,
+        "manifest": storage.join(config.out, shards.MANIFEST_NAME),
+        "units": counts["units"],
+        "processed": len(todo),
+        "skipped": len(listing.units) - len(todo),
+        "failed": counts["failed_units"] + len(listing.refused),
+        "partial": counts["partial_units"],
+        "rows": counts["rows"],
+        "frames": counts["face_frames"],
+        "videos": counts["videos"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
+    """Aggregate every unit's outcome (from OUT/_done/) into the shard manifest."""
+    from affectray.labels import ABAW8
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda u: storage.read_json(shards.done_uri(config.out, u.key)), listing.units))
+    labels = Counter()
+    for r in results:
+        labels.update(r["label_counts"])
+    ok = [r for r in results if r["status"] != "failed"]
+    frames = sum(r["frames"] for r in results)
+    with_face = sum(r["frames_with_face"] for r in results)
+    return {
+        "schema_version": shards.SCHEMA_VERSION,
+        "dataset": config.dataset,
+        "split": config.split,
+        "layout": config.layout,
+        "source": config.source,
+        "image_size": config.image_size,
+        "segment_length": config.segment_length,
+        "label_set": ABAW8.to_dict(),
+        "class_mapping": listing.class_mapping,
+        "counts": {
+            "units": len(listing.units),
+            "ok_units": sum(r["status"] == "ok" for r in results),
+            "partial_units": sum(r["status"] == "partial" for r in results),
+            "failed_units": sum(r["status"] == "failed" for r in results),
+            "videos": len({r["source"] for r in ok}) if listing.units[0].kind != "images" else 0,
+            "images": sum(r["face_frames"] for r in ok) if listing.units[0].kind == "images" else 0,
+            "rows": sum(r["rows"] for r in results),
+            "face_frames": sum(r["face_frames"] for r in results),
+            "tracks": sum(r["tracks"] for r in results),
+        },
+        "labels": {name: labels.get(name, 0) for name in list(ABAW8.classes) + ["unlabelled"]},
+        "detection": {
+            "frames_decoded": frames,
+            "frames_with_face": with_face,
+            "frames_without_face": frames - with_face,
+            "multi_face_frames": sum(r["multi_face_frames"] for r in results),
+            "frames_dropped": frames - sum(r["face_frames"] for r in results),
+        },
+        "shards": sorted((r["shard"] for r in results if r["shard"]), key=lambda s: s["file"]),
+        "failures": [
+            {"input": r["source"], "status": r["status"], "reason": r["reason"]}
+            for r in results
+            if r["status"] != "ok"
+        ]
+        + [{"input": x["input"], "status": "refused", "reason": x["reason"]} for x in listing.refused],
+    }
+
+
+def _index_map(dataset: str) -> str | None:
+    """The dataset's name if it has a published class numbering (numbered class folders)."""
+    from affectray.labels import LabelError, dataset_label_to_abaw
+
+    try:
+        dataset_label_to_abaw(dataset, -1)
+    except LabelError:
+        return None
+    return dataset
+
+
+def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
+    done_dir = storage.join(out, shards.DONE_DIR)
+    if not storage.exists(done_dir):
+        return list(units)
+    done = {uri.replace("\\", "/").rsplit("/", 1)[-1][: -len(".json")] for uri in storage.list_files(done_dir, (".json",))}
+    return [u for u in units if u.key not in done]
+
+
+def _downscale(images: list[np.ndarray], max_side: int) -> tuple[list[np.ndarray], float]:
+    """Frames shrunk for detection, and the factor that maps their coordinates back."""
+    import cv2
+
+    h, w = images[0].shape[:2]
+    factor = min(1.0, max_side / max(h, w))
+    if factor == 1.0:
+        return images, 1.0
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images], factor
+
+
+def _label_counts(segments: list[shards.Segment]) -> dict[str, int]:
+    from affectray.labels import ABAW8
+
+    counts = Counter()
+    for seg in segments:
+        counts.update(ABAW8.classes[v] if v >= 0 else "unlabelled" for v in seg.labels)
+    return dict(counts)
+
+
+def _image_id(source_root: str, uri: str) -> str:
+    """An image's path relative to SOURCE, without its extension: its id in the shards."""
+    prefix = storage.join(source_root, "")
+    rel = uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+    return rel.replace("\\", "/").rsplit(".", 1)[0]
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) < 500 else text[:497] + "..."
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="input root: a local dir or s3:// prefix")
+    parser.add_argument("out", help="shard root to write: a local dir or s3:// prefix")
+    parser.add_argument("--layout", choices=LAYOUTS, default="videos", help="how SOURCE is organised (default: videos)")
+    parser.add_argument("--annotations", help="Aff-Wild2 EXPR or VA annotation folder, matched to videos by name")
+    parser.add_argument("--csv", help="dfew-csv: the split file of 'path label' lines (default: the *.csv in SOURCE)")
+    parser.add_argument("--dataset", default="custom", help="dataset name written to every row (affwild2, dfew, rafdb…)")
+    parser.add_argument("--split", default="train", help="split name written to every row (default: train)")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the aligned face crops (default: 224)")
+    parser.add_argument("--all-faces", action="store_true", help="keep every face track, not only the largest")
+    parser.add_argument("--segment-length", type=int, default=64, help="most frames per segment row (default: 64)")
+    parser.add_argument("--workers", type=int, help="actor pool size (default: one per GPU, else half the CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="re-process units that are already done")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    return IngestConfig(
+        source=args.source,
+        out=args.out,
+        layout=args.layout,
+        annotations=args.annotations,
+        csv=args.csv,
+        dataset=args.dataset,
+        split=args.split,
+        image_size=args.image_size,
+        all_faces=args.all_faces,
+        segment_length=args.segment_length,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from affectray.config import print_config
+    from affectray.runtime import init_ray
+
+    config = config_from_args(args)
+    print_config(config)
+    if args.address:
+        init_ray(args.address)
+    return run_ingest(config)

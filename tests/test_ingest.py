@@ -1,0 +1,170 @@
+"""End-to-end ingest on a real local Ray: frame folders, real videos with MTCNN, S3, bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from affectray import storage
+from affectray.data import shards
+from affectray.data.annotations import parse_expr_annotation
+from affectray.data.faces import decode_jpeg
+from affectray.data.ingest import IngestConfig, run_ingest
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _read_rows(root: str) -> pd.DataFrame:
+    files = shards.list_shards(root)
+    tables = []
+    for uri in files:
+        with storage.open_input(uri) as f:
+            tables.append(pq.read_table(f))
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).to_pandas()
+
+
+def test_aligned_frames_with_annotations_and_rerun(ray_session, sample_corpus, tmp_path):
+    out = str(tmp_path / "shards out")
+    config = IngestConfig(
+        source=str(sample_corpus / "aligned"),
+        out=out,
+        layout="aligned-frames",
+        annotations=str(sample_corpus / "annotations"),
+        dataset="affwild2",
+        image_size=64,
+        segment_length=20,
+    )
+    summary = run_ingest(config, progress=False)
+    assert summary["failed"] == 0 and summary["processed"] == summary["units"] == 6
+
+    rows = _read_rows(out)
+    manifest = shards.read_manifest(out)
+    assert manifest["counts"]["rows"] == len(rows)
+    assert manifest["image_size"] == 64
+    # Every annotated frame of every folder is in the shards with its label, exactly once.
+    for folder in sorted((sample_corpus / "aligned").iterdir()):
+        expected = parse_expr_annotation((sample_corpus / "annotations" / f"{folder.name}.txt").read_text())
+        mine = rows[rows.video_id == folder.name].sort_values("segment_index")
+        frames = np.concatenate(mine.frame_index.to_list())
+        labels = np.concatenate(mine.labels.to_list())
+        assert list(frames) == list(range(len(expected)))
+        assert np.array_equal(labels, expected)
+        assert all(len(f) <= 20 for f in mine.frame_index)
+    first = decode_jpeg(rows.images.iloc[0][0])
+    assert first.shape == (64, 64, 3)
+    assert sum(manifest["labels"].values()) == manifest["counts"]["face_frames"] == 288
+
+    # A re-run skips every finished unit and leaves the shards byte-identical.
+    before = {u: storage.read_bytes(u) for u in shards.list_shards(out)}
+    again = run_ingest(config, progress=False)
+    assert again["processed"] == 0 and again["skipped"] == 6
+    assert {u: storage.read_bytes(u) for u in shards.list_shards(out)} == before
+    assert shards.read_manifest(out)["shards"] == manifest["shards"]
+
+
+def test_videos_on_s3_with_bad_inputs(ray_session, s3_bucket, real_video, tmp_path):
+    """Real faces are found and aligned; broken inputs are reported and the rest goes on."""
+    src = tmp_path / "videos"
+    (src / "folder one").mkdir(parents=True)
+    shutil.copy(real_video, src / "folder one" / "visage é.mp4")
+    (src / "empty.mp4").write_bytes(b"")
+    (src / "garbage.mkv").write_bytes(np.random.default_rng(0).bytes(4096))
+    (src / "half.mp4").write_bytes(real_video.read_bytes()[: real_video.stat().st_size // 2])
+    (src / "readme.txt").write_text("not a video, and not named like one")
+    storage.upload_dir(src, f"{s3_bucket}/raw")
+
+    out = f"{s3_bucket}/shards"
+    summary = run_ingest(
+        IngestConfig(source=f"{s3_bucket}/raw", out=out, image_size=96, detect_max_side=320, dataset="demo"),
+        progress=False,
+    )
+    assert summary["units"] == 4 and summary["videos"] >= 1
+    manifest = shards.read_manifest(out)
+    failures = {f["input"]: f for f in manifest["failures"]}
+    assert "empty.mp4" in failures and "empty" in failures["empty.mp4"]["reason"]
+    assert "garbage.mkv" in failures and failures["garbage.mkv"]["status"] == "failed"
+    # A truncated mp4 either fails outright or keeps the frames before the cut as partial.
+    assert "half.mp4" in failures or any(r["input"] == "half.mp4" for r in manifest["failures"])
+    assert summary["failed"] + summary["partial"] >= 3
+
+    rows = _read_rows(out)
+    real = rows[rows.video_id == "folder one/visage é"]
+    frames = np.concatenate(real.frame_index.to_list())
+    assert list(frames) == list(range(72)), "one face in every one of the 72 frames"
+    pts = np.concatenate(real.pts_seconds.to_list())
+    assert np.allclose(pts, np.arange(72) / 30.0, atol=1e-3)
+    assert set(real.track_id) == {0}
+    face = decode_jpeg(real.images.iloc[0][0])
+    assert face.shape == (96, 96, 3)
+    # fastparquet, a second Parquet implementation, reads the shard straight from S3.
+    import fastparquet
+
+    shard = [s for s in manifest["shards"] if s["rows"]][0]
+    fs, _ = storage.get_filesystem(out)
+    frame = fastparquet.ParquetFile(f"{out[5:]}/{shard['file']}", fs=fs).to_pandas(columns=["video_id", "clip_label"])
+    assert len(frame) == shard["rows"]
+
+
+def test_image_folder_by_number_and_by_name(ray_session, tmp_path):
+    import cv2
+
+    src = tmp_path / "rafdb"
+    rng = np.random.default_rng(1)
+    for split, folder, count in [("train", "4", 3), ("train", "7", 2), ("test", "Happy", 2)]:
+        (src / split / folder).mkdir(parents=True)
+        for i in range(count):
+            cv2.imwrite(str(src / split / folder / f"img_{i}.jpg"), rng.integers(0, 255, (100, 100, 3), np.uint8))
+    (src / "train" / "7" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "out")
+    summary = run_ingest(
+        IngestConfig(source=str(src), out=out, layout="image-folder", dataset="rafdb", image_size=48), progress=False
+    )
+    rows = _read_rows(out)
+    assert len(rows) == 7 and summary["partial"] == 1
+    by_id = {row.video_id: (row.split, int(row.labels[0])) for row in rows.itertuples()}
+    # RAF-DB numbers 4 = Happiness, 7 = Neutral; ABAW8 indices 4 and 0. Names map by name.
+    assert by_id["train/4/img_0"] == ("train", 4)
+    assert by_id["train/7/img_1"] == ("train", 0)
+    assert by_id["test/Happy/img_0"] == ("test", 4)
+    assert shards.read_manifest(out)["class_mapping"]["4"] == "Happiness"
+
+
+def test_dfew_csv_refuses_traversal(ray_session, sample_corpus, tmp_path):
+    src = tmp_path / "dfew"
+    shutil.copytree(sample_corpus / "aligned" / "synth_000", src / "clips" / "0001")
+    shutil.copytree(sample_corpus / "aligned" / "synth_001", src / "clips" / "0002")
+    (src / "split.csv").write_text("clips/0001 1\nclips/0002 5\n../outside 3\n")
+    out = str(tmp_path / "out")
+    summary = run_ingest(
+        IngestConfig(source=str(src), out=out, layout="dfew-csv", dataset="dfew", image_size=48), progress=False
+    )
+    assert summary["units"] == 2
+    manifest = shards.read_manifest(out)
+    refused = [f for f in manifest["failures"] if f["status"] == "refused"]
+    assert len(refused) == 1 and "outside" in refused[0]["input"]
+    rows = _read_rows(out)
+    # DFEW 1 = Happiness (ABAW8 4), 5 = Surprise (ABAW8 6): one label per clip.
+    assert dict(zip(rows.video_id, rows.clip_label)) == {"clips/0001": 4, "clips/0002": 6}
+
+
+def test_job_script_help_and_bad_source(tmp_path):
+    script = REPO_ROOT / "jobs" / "ingest.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--layout" in help_text and "aligned-frames" in help_text
+    missing = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert missing.returncode != 0
+    assert "nope" in missing.stderr and "not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "out").exists()
