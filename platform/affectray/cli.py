@@ -16,6 +16,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("affectray.data.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
     "ingest": ("affectray.data.ingest", "turn videos, frame folders or image folders into aligned-face segment shards"),
+    "pretrain": ("affectray.train.pretrain", "pretrain VideoMAE / MAE-DFER on segment shards with Ray Train"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
 }
 

@@ -1,0 +1,42 @@
+"""The built-in sample corpus as shards: what smoke configs and the demo train on."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from affectray.data import shards
+
+logger = logging.getLogger("affectray.sample")
+
+
+def ensure_sample_shards(root: str, *, image_size: int = 64, seed: int = 0, segment_length: int = 16) -> bool:
+    """If ``root`` holds no shards, write the sample corpus and ingest its frame folders there.
+
+    Returns True when it built them. The drawn faces and their EXPR annotations go
+    through the real ingest job (aligned-frames layout), so smoke runs read exactly
+    what a real Aff-Wild2 ingest produces.
+    """
+    from affectray.data.ingest import IngestConfig, run_ingest
+    from affectray.data.synth import SynthConfig, write_sample_corpus
+
+    if shards.list_shards(root):
+        return False
+    logger.info("no shards under %s: building the sample corpus there", root)
+    with tempfile.TemporaryDirectory(prefix="affectray-sample-") as tmp:
+        corpus = Path(tmp)
+        write_sample_corpus(corpus, SynthConfig(seed=seed, num_real_videos=0, no_face_video=False))
+        run_ingest(
+            IngestConfig(
+                source=str(corpus / "aligned"),
+                out=root,
+                layout="aligned-frames",
+                annotations=str(corpus / "annotations"),
+                dataset="sample",
+                image_size=image_size,
+                segment_length=segment_length,
+            ),
+            progress=False,
+        )
+    return True

@@ -1,0 +1,113 @@
+"""Self-describing checkpoints: weights + everything needed to use them.
+
+A checkpoint directory holds
+
+    model.safetensors    the model's weights (no pickle: safe to load from anywhere)
+    meta.json            model spec (registry name + kwargs), label set, preprocessing,
+                         task, step/epoch, metrics, provenance (config, data manifest, git)
+    train_state.pt       optimizer, scheduler and counters for resuming; tensors and plain
+                         values only, loaded with torch.load(weights_only=True)
+
+Ray Train copies the directory into the run's storage path (local or s3://);
+any consumer (finetune init, evaluate, label) takes the URI as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from affectray import storage
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "train_state.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, incomplete or not one of ours."""
+
+
+def unwrap(model):
+    """The bare module under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint into a local directory (Ray Train uploads it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Contiguous CPU copies: safetensors refuses shared or strided storage.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    if train_state is not None:
+        torch.save(train_state, directory / STATE_FILE)
+    meta = {**meta, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+@contextmanager
+def open_checkpoint(uri: str) -> Iterator[Path]:
+    """A local directory holding the checkpoint at ``uri`` (downloaded if it is remote)."""
+    if not storage.is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not (path / META_FILE).exists():
+            raise CheckpointError(f"{uri!r} is not an affectray checkpoint: no {META_FILE}")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="affectray-ckpt-") as tmp:
+        names = [WEIGHTS_FILE, META_FILE, STATE_FILE]
+        present = {u.rsplit("/", 1)[-1] for u in storage.list_files(uri)}
+        if META_FILE not in present or WEIGHTS_FILE not in present:
+            raise CheckpointError(f"{uri!r} is not an affectray checkpoint: found {sorted(present)}")
+        for name in names:
+            if name in present:
+                Path(tmp, name).write_bytes(storage.read_bytes(storage.join(uri, name)))
+        yield Path(tmp)
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(directory, META_FILE).read_text())
+
+
+def load_weights(directory: str | os.PathLike) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory, WEIGHTS_FILE)))
+
+
+def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    import torch
+
+    path = Path(directory, STATE_FILE)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def git_revision() -> str | None:
+    """The repo's commit, if the code runs from a git checkout (provenance, best effort)."""
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

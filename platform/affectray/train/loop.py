@@ -1,0 +1,313 @@
+"""The one training loop: pretraining and fine-tuning both run it on Ray Train.
+
+A *task* (pretrain.MAETask, finetune tasks) says what differs: how to build the
+model, what a batch is and what its loss is, what to evaluate, what to put in
+a checkpoint's metadata. The loop owns the rest, identically for both: DDP,
+bf16 autocast on GPU (float32 on CPU), AdamW with a warmup + cosine schedule,
+gradient clipping and accumulation, checkpoints every N steps with full
+training state, resume from the latest checkpoint (after a worker failure or
+when the same run is started again), and metrics on every report: loss,
+learning rate, samples/s, and the fraction of step time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Protocol
+
+from affectray import storage
+from affectray.train import checkpoint as ckpt
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    accumulation: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # per worker, per micro-batch
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early and sets the schedule length
+    log_every: int = 10
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    storage: str = "runs"  # local dir or s3:// prefix; the run lives at <storage>/<name>
+    num_workers: int = 1
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
+    fail_once_at_step: int | None = None  # fault-injection for tests and drills: one worker raises once
+
+
+class Task(Protocol):
+    """What a training job plugs into the loop."""
+
+    def build_model(self): ...
+    def batches(self, shard, epoch: int, device) -> Iterable[Any]: ...
+    def loss(self, model, batch) -> tuple[Any, dict[str, float]]: ...
+    def batch_size_of(self, batch) -> int: ...
+    def evaluate(self, model, device) -> dict[str, float]: ...
+    def checkpoint_meta(self) -> dict[str, Any]: ...
+    def score(self, metrics: dict[str, float]) -> float | None: ...
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and embeddings-like 1-D parameters (as MAE/timm do).
+
+    A task with its own policy (layer-wise lr decay) defines ``param_groups(model,
+    weight_decay)``; groups may carry an ``lr_scale``, as MAE's lr_decay does.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. ``config`` holds the task and the loop's settings."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    task: Task = config["task"]
+    optim_cfg: OptimConfig = config["optim"]
+    train_cfg: TrainConfig = config["train"]
+    run_cfg: RunConfig = config["run"]
+    total_steps: int = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    device = ray.train.torch.get_device()
+    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(config.get("seed", 0) + rank)
+
+    model = task.build_model().to(device)
+    groups = (task.param_groups if hasattr(task, "param_groups") else param_groups)(model, optim_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas)
+    for group in optimizer.param_groups:
+        group.setdefault("lr_scale", 1.0)
+        group["base_lr"] = optim_cfg.lr * group["lr_scale"]
+    step, epoch, first_loss, resumed_from = 0, 0, None, 0
+
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as directory:
+            model.load_state_dict(ckpt.load_weights(directory))
+            state = ckpt.load_train_state(directory)
+            optimizer.load_state_dict(state["optimizer"])
+            step, epoch, first_loss = int(state["step"]), int(state["epoch"]), state.get("first_loss")
+            epoch_done = bool(state.get("epoch_done"))
+        epoch += epoch_done
+        resumed_from = step
+        if rank == 0:
+            print(f"[affectray] resumed from checkpoint at step {step}, epoch {epoch}", flush=True)
+
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
+    shard = ray.train.get_dataset_shard("train")
+
+    def set_lr() -> float:
+        factor = lr_factor(step, total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return optimizer.param_groups[0]["lr"]
+
+    def save(metrics: dict[str, float], epoch_done: bool) -> None:
+        meta = {
+            **task.checkpoint_meta(),
+            "step": step,
+            "epoch": epoch,
+            "metrics": metrics,
+            "git_revision": ckpt.git_revision(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:  # one copy of the weights; every worker still reports
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "epoch_done": epoch_done,
+                    "first_loss": first_loss,
+                }
+                ckpt.save_checkpoint(tmp, model, meta, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    window = _Meter()
+    last_metrics: dict[str, float] = {}
+    saved_at = -1
+    while epoch < train_cfg.epochs and step < total_steps:
+        model.train()
+        micro = 0
+        optimizer.zero_grad(set_to_none=True)
+        waited = time.perf_counter()
+        for batch in task.batches(shard, epoch, device):
+            fetched = time.perf_counter()
+            _maybe_fail(run_cfg, step, rank)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, extra = task.loss(model, batch)
+            (loss / optim_cfg.accumulation).backward()
+            micro += 1
+            window.add(float(loss.detach()), task.batch_size_of(batch) * world, fetched - waited)
+            if micro % optim_cfg.accumulation:
+                waited = time.perf_counter()
+                continue
+            lr = set_lr()
+            if optim_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if first_loss is None:
+                first_loss = window.losses[0]
+            window.elapsed_until(time.perf_counter())
+            if step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0 or step >= total_steps:
+                last_metrics = {**window.summary(), "lr": lr, "step": step, "epoch": epoch, "first_loss": first_loss, "resumed_from_step": resumed_from, **extra}
+                window = _Meter()
+                if step % train_cfg.checkpoint_every == 0 or step >= total_steps:
+                    save(last_metrics, epoch_done=False)
+                    saved_at = step
+                else:
+                    ray.train.report(last_metrics)
+            if step >= total_steps:
+                break
+            waited = time.perf_counter()
+        # Every epoch ends with an evaluation (fine-tuning) and a checkpoint, unless
+        # one was just written for this very step.
+        eval_metrics = task.evaluate(model, device)
+        if eval_metrics or saved_at != step:
+            last_metrics = {**last_metrics, **eval_metrics, "step": step, "epoch": epoch}
+            save(last_metrics, epoch_done=True)
+            saved_at = step
+        epoch += 1
+
+
+class _Meter:
+    """Loss, throughput and data-wait fraction over the steps since the last report."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+        self.end = self.start
+
+    def add(self, loss: float, samples: int, data_wait: float) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        self.data_wait += data_wait
+
+    def elapsed_until(self, now: float) -> None:
+        self.end = now
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(self.end - self.start, 1e-9)
+        return {
+            "loss": sum(self.losses) / max(1, len(self.losses)),
+            "samples_per_s": self.samples / elapsed,
+            "data_wait_fraction": min(1.0, self.data_wait / elapsed),
+        }
+
+
+def _maybe_fail(run_cfg: RunConfig, step: int, rank: int) -> None:
+    """Fault injection: the last worker raises once at the configured step.
+
+    A marker object in the run's storage makes it once per run, across the
+    restart that follows; the restarted workers resume from the checkpoint.
+    """
+    if run_cfg.fail_once_at_step is None or step != run_cfg.fail_once_at_step:
+        return
+    import ray.train
+
+    if rank != ray.train.get_context().get_world_size() - 1:
+        return
+    marker = storage.join(run_cfg.storage, run_cfg.name, "_injected_failure")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"failure injected at step {step}\n")
+    raise RuntimeError(f"injected failure at step {step} (run.fail_once_at_step)")
+
+
+def fit(task, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg: RunConfig, datasets: dict, total_steps: int, seed: int = 0):
+    """Run the loop on Ray Train; returns (ray.train.Result, the run's URI)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = run_cfg.use_gpu == "yes" or (run_cfg.use_gpu == "auto" and gpus >= run_cfg.num_workers)
+    storage_fs, storage_path = storage.pyarrow_filesystem(run_cfg.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "task": task,
+            "optim": optim_cfg,
+            "train": train_cfg,
+            "run": run_cfg,
+            "total_steps": total_steps,
+            "seed": seed,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run_cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": run_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=run_cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return result, storage.join(run_cfg.storage, run_cfg.name)
+
+
+def checkpoint_uri(run_storage: str, checkpoint) -> str | None:
+    """The URI of a Ray Train checkpoint, in the same scheme as the run's storage."""
+    if checkpoint is None:
+        return None
+    if storage.is_remote(run_storage):
+        return "s3://" + checkpoint.path.lstrip("/")
+    return checkpoint.path
+
+
+__all__ = [
+    "OptimConfig",
+    "RunConfig",
+    "Task",
+    "TrainConfig",
+    "checkpoint_uri",
+    "fit",
+    "lr_factor",
+    "param_groups",
+    "train_loop_per_worker",
+]

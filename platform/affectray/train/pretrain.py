@@ -1,0 +1,183 @@
+"""Pretrain a video masked autoencoder (VideoMAE or MAE-DFER) on segment shards.
+
+    ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain-smoke.yaml
+    affectray pretrain --config jobs/configs/pretrain-smoke.yaml --set train.max_steps=20
+
+Ray Data streams clips (T frames at a stride, sampled inside segments, decoded
+and augmented in CPU tasks) into Ray Train workers through streaming_split;
+the shared loop (train/loop.py) trains with DDP, checkpoints into the run's
+storage and resumes from the latest checkpoint after a failure or on re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from affectray.data.loaders import DataConfig
+from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
+
+
+def _pretrain_data() -> DataConfig:
+    return DataConfig(mode="clip", label="none", num_frames=16, frame_stride=4, image_size=224)
+
+
+@dataclass
+class PretrainModelConfig:
+    name: Literal["videomae", "mae_dfer"] = "videomae"
+    size: str = "base"  # tiny | small | base
+    # Any other field of the model's config (mask_ratio, motion_weight, depth, ...). The
+    # clip geometry (img_size, num_frames) always comes from the data section.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=_pretrain_data)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain"))
+    # Smoke configs: when data.root holds no shards, build the sample corpus there first.
+    sample_corpus_if_empty: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        clash = {"img_size", "num_frames"} & set(self.model.overrides)
+        if clash:
+            raise ValueError(f"set {sorted(clash)} through data.image_size / data.num_frames, not model.overrides")
+        if self.data.mode != "clip":
+            raise ValueError("pretraining reads clips: data.mode must be 'clip'")
+
+
+class MAETask:
+    """The pretraining task for the shared loop: masked reconstruction of clips."""
+
+    def __init__(self, config: PretrainConfig, manifest: dict[str, Any] | None = None):
+        self.config = config
+        self.manifest = manifest or {}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        data = self.config.data
+        return {**self.config.model.overrides, "img_size": data.image_size, "num_frames": data.num_frames}
+
+    def build_model(self):
+        from affectray.models.mae import build_pretrain_model
+
+        return build_pretrain_model(self.config.model.name, self.config.model.size, **self.model_kwargs())
+
+    def batches(self, shard, epoch: int, device):
+        from affectray.data.loaders import iter_train_batches
+
+        return iter_train_batches(shard, self.config.data, self.config.train.batch_size, epoch, device)
+
+    def loss(self, model, batch):
+        videos, _ = batch  # [B, C, T, H, W]
+        loss, _, _ = model(videos)
+        return loss, {}
+
+    def batch_size_of(self, batch) -> int:
+        return int(batch[0].shape[0])
+
+    def evaluate(self, model, device) -> dict[str, float]:
+        return {}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        from affectray.config import config_to_dict
+
+        data = self.config.data
+        return {
+            "kind": "pretrain",
+            "model": {"family": self.config.model.name, "size": self.config.model.size, "kwargs": self.model_kwargs()},
+            "preprocessing": {
+                "image_size": data.image_size,
+                "num_frames": data.num_frames,
+                "frame_stride": data.frame_stride,
+                "mean": list(data.mean),
+                "std": list(data.std),
+            },
+            "config": config_to_dict(self.config),
+            "data_manifest": {k: self.manifest.get(k) for k in ("dataset", "source", "counts", "image_size")},
+        }
+
+
+def total_steps(config: PretrainConfig) -> int:
+    """Optimizer steps of the run: max_steps, or the epochs' worth of the data."""
+    from affectray.data.loaders import count_samples
+
+    samples = count_samples(config.data, train=True)
+    per_step = config.train.batch_size * config.run.num_workers * config.optim.accumulation
+    steps = max(1, samples // per_step) * config.train.epochs
+    if samples < per_step:
+        raise_empty(config, samples, per_step)
+    return min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+
+def raise_empty(config: PretrainConfig, samples: int, per_step: int) -> None:
+    from affectray.runtime import JobError
+
+    raise JobError(
+        f"{samples} clips in {config.data.root!r} cannot fill one step of {per_step} "
+        f"(batch_size x num_workers x accumulation): lower train.batch_size or ingest more data"
+    )
+
+
+def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
+    """Pretrain on Ray Train; returns the job summary (steps, first/last loss, checkpoint URI)."""
+    from affectray.data import shards
+    from affectray.data.loaders import build_dataset
+    from affectray.data.sample import ensure_sample_shards
+    from affectray.train.loop import checkpoint_uri, fit
+
+    start = time.perf_counter()
+    if config.sample_corpus_if_empty:
+        ensure_sample_shards(config.data.root, image_size=config.data.image_size, seed=config.seed)
+    manifest = shards.read_manifest(config.data.root)
+    steps = total_steps(config)
+    task = MAETask(config, manifest)
+    result, run_uri = fit(
+        task,
+        config.optim,
+        config.train,
+        config.run,
+        datasets={"train": build_dataset(config.data, train=True)},
+        total_steps=steps,
+        seed=config.seed,
+    )
+    metrics = result.metrics or {}
+    return {
+        "job": "pretrain",
+        "model": f"{config.model.name}-{config.model.size}",
+        "steps": int(metrics.get("step", 0)),
+        "planned_steps": steps,
+        "first_loss": metrics.get("first_loss"),
+        "last_loss": metrics.get("loss"),
+        "resumed_from_step": metrics.get("resumed_from_step", 0),
+        "samples_per_s": metrics.get("samples_per_s"),
+        "data_wait_fraction": metrics.get("data_wait_fraction"),
+        "checkpoint": checkpoint_uri(config.run.storage, result.checkpoint),
+        "run": run_uri,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from affectray.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from affectray.config import config_from_args, print_config
+    from affectray.runtime import init_ray
+
+    config = config_from_args(PretrainConfig, args)
+    print_config(config)
+    init_ray(args.address)
+    return run_pretrain(config)
+
+
+__all__ = ["MAETask", "PretrainConfig", "PretrainModelConfig", "run_pretrain"]
