@@ -21,15 +21,19 @@ byte-identical files. Each video draws from its own generator seeded by
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from affectray.labels import ABAW8
+from affectray.runtime import JobError
 
 __all__ = [
     "EXPR_CLASSES",
@@ -44,11 +48,11 @@ __all__ = [
     "sample_pose",
     "sample_style",
     "write_sample_corpus",
-]
+]  # plus add_arguments / main: the `affectray synth OUT_DIR` verb
 
 # Aff-Wild2 EXPR annotation files start with exactly this header; each later line
 # is an index into it, or -1 for a frame without a label.
-EXPR_CLASSES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
+EXPR_CLASSES = ABAW8.classes
 EXPR_HEADER = ",".join(EXPR_CLASSES)
 
 JPEG_QUALITY = 95
@@ -66,8 +70,8 @@ _ASTRONAUT_FACE_CENTER = (224.0, 117.0)
 _ASTRONAUT_FACE_HEIGHT = 110.0
 
 
-class SampleCorpusError(RuntimeError):
-    """The sample corpus cannot be written: a non-corpus directory in the way, or a broken video codec."""
+class SampleCorpusError(JobError):
+    """The sample corpus cannot be written: not a local path, a non-corpus directory in the way, a broken codec."""
 
 
 @dataclass
@@ -129,17 +133,19 @@ class _Expression:
 
 # The label is carried only by these shapes. Each class differs from every other
 # in at least two of brows / eyes / mouth, so it survives downscaling to 32 px.
-_EXPRESSIONS = (
-    _Expression(),  # Neutral
-    _Expression(brow_inner=0.06, brow_outer=-0.035, brow_arch=0.0, eye_open=0.4, mouth="tight"),  # Anger
-    _Expression(brow_inner=0.045, brow_outer=0.03, brow_arch=0.0, eye_open=0.7, mouth="sneer", nose_wrinkles=True),  # Disgust
-    _Expression(brow_inner=-0.075, brow_outer=-0.035, brow_together=0.03, eye_open=1.7, mouth="stretch"),  # Fear
-    _Expression(eye_open=0.7, mouth="smile"),  # Happiness
-    _Expression(brow_inner=-0.055, brow_outer=0.03, brow_arch=0.0, eye_open=0.85, mouth="frown"),  # Sadness
-    _Expression(brow_inner=-0.085, brow_outer=-0.07, brow_arch=0.04, eye_open=1.7, mouth="o"),  # Surprise
-    _Expression(wink=True, mouth="tongue"),  # Other
-)
-assert len(_EXPRESSIONS) == len(EXPR_CLASSES)
+_EXPRESSION_SHAPES = {
+    "Neutral": _Expression(),
+    "Anger": _Expression(brow_inner=0.06, brow_outer=-0.035, brow_arch=0.0, eye_open=0.4, mouth="tight"),
+    "Disgust": _Expression(
+        brow_inner=0.045, brow_outer=0.03, brow_arch=0.0, eye_open=0.7, mouth="sneer", nose_wrinkles=True
+    ),
+    "Fear": _Expression(brow_inner=-0.075, brow_outer=-0.035, brow_together=0.03, eye_open=1.7, mouth="stretch"),
+    "Happiness": _Expression(eye_open=0.7, mouth="smile"),
+    "Sadness": _Expression(brow_inner=-0.055, brow_outer=0.03, brow_arch=0.0, eye_open=0.85, mouth="frown"),
+    "Surprise": _Expression(brow_inner=-0.085, brow_outer=-0.07, brow_arch=0.04, eye_open=1.7, mouth="o"),
+    "Other": _Expression(wink=True, mouth="tongue"),
+}
+_EXPRESSIONS = tuple(_EXPRESSION_SHAPES[name] for name in EXPR_CLASSES)
 
 # Skin tones (BGR), light to dark; darker tones stop where black ink would lose contrast.
 _SKIN_TONES = ((189, 224, 255), (125, 194, 241), (105, 172, 224), (66, 134, 198), (50, 105, 160))
@@ -269,7 +275,7 @@ _MOUTHS = {
 def _draw_head(c: _Canvas, s: FaceStyle) -> None:
     half_h = 0.4
     if s.hair is not None:
-        c.ellipse((0.5, 0.42), (half_h * s.face_aspect + 0.03, half_h * 0.82), s.hair)
+        c.ellipse((0.5, 0.41), (half_h * s.face_aspect + 0.04, half_h * 0.9), s.hair)
     c.ellipse((0.5, 0.52), (half_h * s.face_aspect, half_h), s.skin)
     c.ellipse((0.5, 0.52), (half_h * s.face_aspect, half_h), s.ink, _THIN * 0.7)
     nose_y = 0.56 + s.feature_drop
@@ -366,7 +372,9 @@ def draw_face(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- annotations
 
 
-def expression_track(num_frames: int, first_class: int, unlabelled_fraction: float, rng: np.random.Generator):
+def expression_track(
+    num_frames: int, first_class: int, unlabelled_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame labels: piecewise-constant segments cycling through the classes, then one -1 run.
 
     Returns ``(labels, annotated)``: ``labels`` is what each frame shows, ``annotated``
@@ -381,7 +389,8 @@ def expression_track(num_frames: int, first_class: int, unlabelled_fraction: flo
         lengths.append(int(rng.integers(low, high + 1)))
     lengths[-1] -= sum(lengths) - num_frames
     if len(lengths) > 1 and lengths[-1] < low:
-        lengths[-2] += lengths.pop()
+        tail = lengths.pop()
+        lengths[-1] += tail
     classes = [(first_class + i) % len(EXPR_CLASSES) for i in range(len(lengths))]
     labels = np.repeat(np.array(classes, dtype=np.int64), lengths)
     annotated = labels.copy()
@@ -409,7 +418,7 @@ def _smooth_path(rng: np.random.Generator, n: int, amplitude: float, centre: flo
 
 def _drawn_video_id(index: int, num_videos: int) -> str:
     # The last id holds a space and a non-ASCII letter: downstream code must quote and
-    # encode paths and keys properly, and this corpus makes every test check that.
+    # encode paths and keys properly, and every test that uses this corpus exercises that.
     return f"synth_{index:03d} café" if index == num_videos - 1 else f"synth_{index:03d}"
 
 
@@ -473,7 +482,7 @@ def _real_face_frames(rng: np.random.Generator, config: SynthConfig) -> list[np.
     photo = _astronaut_bgr()
     width, height = config.real_video_size
     n = config.real_video_frames
-    # The face fills 30-45% of the frame height: well inside MTCNN's working range.
+    # The face spans about 27-48% of the frame height: well inside MTCNN's working range.
     zoom = _smooth_path(rng, n, 0.06, centre=rng.uniform(0.33, 0.42)) * height / _ASTRONAUT_FACE_HEIGHT
     angle = _smooth_path(rng, n, 8.0)
     # Where the face sits in the frame, as a fraction of width/height from the centre.
@@ -484,7 +493,8 @@ def _real_face_frames(rng: np.random.Generator, config: SynthConfig) -> list[np.
     for i in range(n):
         m = cv2.getRotationMatrix2D(_ASTRONAUT_FACE_CENTER, float(angle[i]), float(zoom[i]))
         # Move the face centre from its place in the photo to its place in the frame.
-        m[:, 2] += (width * (0.5 + fx[i]) - _ASTRONAUT_FACE_CENTER[0], height * (0.5 + fy[i]) - _ASTRONAUT_FACE_CENTER[1])
+        target = (width * (0.5 + fx[i]), height * (0.5 + fy[i]))
+        m[:, 2] += np.subtract(target, _ASTRONAUT_FACE_CENTER)
         frame = cv2.warpAffine(photo, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         frame = np.clip(frame.astype(np.float32) * np.float32(gain[i]), 0, 255).astype(np.uint8)
         frames.append(frame[:, ::-1].copy() if mirror else frame)
@@ -556,6 +566,16 @@ def _write_videos(root: Path, config: SynthConfig) -> list[dict]:
 _OWNED = ("aligned", "annotations", "videos", "README.txt", "synth.json")
 
 
+def _local_root(out_dir: str | os.PathLike) -> Path:
+    text = os.fspath(out_dir)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        # OpenCV's video writer needs a real file; write locally, then storage.upload_dir.
+        raise SampleCorpusError(f"the sample corpus is written to a local directory, not {text!r}")
+    return Path(text).expanduser().resolve()
+
+
 def _prepare(root: Path) -> None:
     """Make ``root`` ready: new, empty, or an earlier sample corpus (whose files are replaced)."""
     if root.exists() and any(root.iterdir()):
@@ -572,20 +592,21 @@ def _prepare(root: Path) -> None:
 
 
 def _readme(summary: dict, config: SynthConfig) -> str:
-    return "\n".join(
-        [
-            "affectray built-in sample corpus (written by affectray.data.synth; no download).",
-            "",
-            f"aligned/<video_id>/NNNNN.jpg  {summary['num_videos']} videos of drawn faces, "
-            f"{config.image_size}x{config.image_size}, Aff-Wild2 cropped_aligned layout.",
-            "annotations/<video_id>.txt   Aff-Wild2 EXPR format: header line, then one label index per frame, -1 = no label.",
-            f"videos/astronaut_NNN.mp4     {config.num_real_videos} animated real-face videos "
-            "(scikit-image astronaut photo, public domain).",
-            "videos/no_face.mp4           moving shapes and noise, no face." if config.no_face_video else "",
-            "synth.json                   the config and summary; the same seed rewrites identical bytes.",
-            "",
-        ]
-    )
+    size = config.image_size
+    lines = [
+        "affectray built-in sample corpus (written by affectray.data.synth; no download).",
+        "",
+        f"aligned/<video_id>/NNNNN.jpg  {summary['num_videos']} videos of drawn faces, {size}x{size}, "
+        "Aff-Wild2 cropped_aligned layout.",
+        "annotations/<video_id>.txt   Aff-Wild2 EXPR format: header line, then one label index per frame, "
+        "-1 = no label.",
+        f"videos/astronaut_NNN.mp4     {config.num_real_videos} animated real-face videos "
+        "(scikit-image astronaut photo, public domain).",
+    ]
+    if config.no_face_video:
+        lines.append("videos/no_face.mp4           moving shapes and noise, no face.")
+    lines.append("synth.json                   the config and summary; the same seed rewrites identical bytes.")
+    return "\n".join(lines) + "\n"
 
 
 def write_sample_corpus(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig()) -> dict:
@@ -595,7 +616,7 @@ def write_sample_corpus(out_dir: str | os.PathLike, config: SynthConfig = SynthC
     The summary (also saved in ``synth.json``) gives paths relative to ``out_dir``, frame
     counts and the label histogram; the returned dict adds ``root``, the absolute path.
     """
-    root = Path(out_dir).expanduser().resolve()
+    root = _local_root(out_dir)
     _prepare(root)
     drawn = [_write_drawn_video(root, i, config) for i in range(config.num_videos)]
     videos = _write_videos(root, config)
@@ -612,3 +633,24 @@ def write_sample_corpus(out_dir: str | os.PathLike, config: SynthConfig = SynthC
     record = {"config": asdict(config), "summary": summary}
     (root / "synth.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"root": str(root), **summary}
+
+
+# --------------------------------------------------------------------------- `affectray synth`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from affectray.config import add_config_arguments
+
+    parser.add_argument("out_dir", help="local directory to write (missing, empty, or an earlier sample corpus)")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> dict:
+    from affectray.config import config_from_args, print_config
+
+    config = config_from_args(SynthConfig, args)
+    print_config(config)
+    summary = write_sample_corpus(args.out_dir, config)
+    return {key: summary[key] for key in ("root", "num_videos", "num_frames", "label_histogram")} | {
+        "videos": [v["path"] for v in summary["videos"]]
+    }

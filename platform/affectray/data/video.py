@@ -229,8 +229,8 @@ def _open_video(source: VideoSource, name: str) -> Iterator[tuple[InputContainer
     if _byte_size(source) == 0:
         raise VideoDecodeError(name, EMPTY)
     try:
-        # Non-UTF-8 tags are common in wild corpora and say nothing about the pixels.
         target = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
+        # Non-UTF-8 tags are common in wild corpora and say nothing about the pixels.
         container = av.open(target, metadata_errors="ignore")
     except av.FFmpegError as e:
         raise _open_error(source, name, e) from e
@@ -246,7 +246,7 @@ def _open_video(source: VideoSource, name: str) -> Iterator[tuple[InputContainer
 
 
 def _decode(
-    container: av.container.InputContainer, stream: av.VideoStream, name: str, check_complete: bool = True
+    container: InputContainer, stream: av.VideoStream, name: str, check_complete: bool = True
 ) -> Iterator[av.VideoFrame]:
     """Decoded frames in presentation order; damage raises VideoDecodeError after the good frames."""
     num_frames = 0
@@ -271,7 +271,7 @@ def _decode(
 
 
 def _rgb_frames(
-    container: av.container.InputContainer,
+    container: InputContainer,
     stream: av.VideoStream,
     name: str,
     max_side: int | None,
@@ -336,7 +336,7 @@ def _average_fps(stream: av.VideoStream) -> float | None:
     return float(rate) if rate else None
 
 
-def _duration_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
+def _duration_seconds(container: InputContainer, stream: av.VideoStream) -> float | None:
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration:
