@@ -1,0 +1,70 @@
+"""Pictures people would rather look at than read: shard contact sheets, loss curves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from affectray import storage
+from affectray.data import shards
+
+
+def shard_contact_sheet(root: str, out_png: str, *, faces: int = 32, columns: int = 8, tile: int = 96) -> str:
+    """A grid of aligned faces from a shard root, each captioned with its label.
+
+    Takes evenly spaced frames across all segments, so one look tells whether
+    alignment and labels are right. Returns the PNG's URI.
+    """
+    import cv2
+    import pyarrow.parquet as pq
+
+    from affectray.data.faces import decode_jpeg
+    from affectray.labels import ABAW8
+
+    picked: list[tuple[bytes, int, str]] = []
+    for uri in shards.list_shards(root):
+        with storage.open_input(uri) as f:
+            table = pq.read_table(f, columns=["video_id", "images", "labels"])
+        for video_id, images, labels in zip(*(table.column(c).to_pylist() for c in ("video_id", "images", "labels"))):
+            step = max(1, len(images) // 2)
+            picked += [(images[i], labels[i], video_id) for i in range(0, len(images), step)]
+    if not picked:
+        raise storage.StorageError(f"no faces in the shards under {root!r}")
+    chosen = [picked[i] for i in np.linspace(0, len(picked) - 1, min(faces, len(picked))).astype(int)]
+    rows = -(-len(chosen) // columns)
+    sheet = np.full((rows * (tile + 16), columns * tile, 3), 255, np.uint8)
+    for k, (jpeg, label, video_id) in enumerate(chosen):
+        r, c = divmod(k, columns)
+        face = cv2.resize(decode_jpeg(jpeg), (tile, tile), interpolation=cv2.INTER_AREA)
+        y, x = r * (tile + 16), c * tile
+        sheet[y : y + tile, x : x + tile] = face
+        caption = ABAW8.classes[label] if label >= 0 else "-"
+        cv2.putText(sheet, caption[:10], (x + 2, y + tile + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    storage.write_bytes(out_png, png.tobytes())
+    return out_png
+
+
+def loss_curve(history: list[dict[str, Any]], out_png: str, *, key: str = "loss", title: str = "") -> str:
+    """Plot a metric against step from a run's reported metrics; returns the PNG's URI."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((m["step"], m[key]) for m in history if key in m and "step" in m)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title or key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    storage.write_bytes(out_png, buffer.getvalue())
+    return out_png
