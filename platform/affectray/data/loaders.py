@@ -1,0 +1,701 @@
+"""Ray Data pipelines from segment shards to training batches (clips or frames).
+
+The CPU side runs as Ray Data tasks and ships uint8 pixels; the float
+conversion and normalisation happen on the training worker (on its GPU when
+there is one), so the object store and the network carry 4x fewer bytes::
+
+    ds = build_dataset(cfg, train=True)                  # driver: read → select → sample/decode/augment
+    trainer = TorchTrainer(loop, datasets={"train": ds}, ...)
+
+    # inside train_loop_per_worker, once per epoch:
+    shard = ray.train.get_dataset_shard("train")
+    for inputs, targets in iter_train_batches(shard, cfg, batch_size, epoch, device):
+        ...                                              # inputs [B, C, T, H, W] or [B, C, H, W]
+
+Pipeline (each step is one module-level function, fused by Ray into one task
+per Parquet file): ``read_parquet`` (needed columns only, file order shuffled
+for training) → :func:`select_segments` (split and held-out videos) →
+:func:`sample_clips` or :func:`sample_frames` (windows inside a segment, JPEG
+decode, one augmentation per clip).
+
+Windows never leave their segment, so a clip never mixes videos or tracks.
+Held-out videos are chosen by :func:`stable_video_hash`, so every frame of a
+video lands on the same side and the partition is the same in every process,
+run and seed.
+
+Randomness and what is reproducible: every segment gets its own numpy
+Generator seeded from ``(cfg.seed, epoch salt, sha1(video_id, track_id, first
+frame index))``. The epoch salt is Ray Data's execution index of the Dataset
+(the counter ``FileShuffleConfig(reseed_after_execution=True)`` uses for the
+file order): 0 on its first pass, then 1, 2, … for each later pass of the same
+Dataset object. Hence, for a given seed and config, the windows and
+augmentations of pass k are the same for every segment whatever the batching,
+task placement or number of workers, and passes differ from each other. What
+is *not* reproducible is the order in which samples arrive: tasks finish in
+parallel, and the local shuffle buffer (seeded with ``cfg.seed + epoch``) mixes
+whatever has arrived. Evaluation (train=False) has no randomness at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from affectray import storage
+from affectray.data import shards
+from affectray.data.faces import decode_jpeg
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+__all__ = [
+    "DataConfig",
+    "LoaderError",
+    "build_dataset",
+    "class_counts",
+    "count_samples",
+    "iter_eval_batches",
+    "iter_train_batches",
+    "sample_clips",
+    "sample_frames",
+    "select_segments",
+    "stable_video_hash",
+    "to_model_input",
+    "window_positions",
+]
+
+
+class LoaderError(ValueError):
+    """A data config or shard root that cannot give a dataset."""
+
+
+@dataclass
+class DataConfig:
+    """What the training pipeline reads and how it turns segments into samples."""
+
+    root: str = ""  # shard root (local dir or s3:// prefix); required in practice
+    mode: Literal["clip", "frame"] = "clip"  # clip = T-frame windows, frame = single frames
+    num_frames: int = 16  # T (clip mode)
+    frame_stride: int = 4  # temporal stride between sampled frames (clip mode)
+    image_size: int = 224  # output side after crop/resize
+    # Target kind: none (pretraining), the centre frame's label, the segment's clip_label,
+    # or every frame's label ([T], -1 where unlabelled: use it as the loss's ignore_index).
+    label: Literal["none", "center", "clip", "frames"] = "center"
+    split: str | None = None  # keep only rows whose `split` column equals this
+    val_fraction: float = 0.0  # hold out whole videos by a stable hash of video_id (no leakage)
+    # Windows per segment per pass: random starts for training, evenly spaced for eval.
+    # 0 = dense: one window centred on every frame (edges repeat the first/last frame), so
+    # a window model's evaluation predicts every labelled frame exactly once.
+    clips_per_segment: int = 1
+    # Segments shorter than the window span are padded by repeating their last frame;
+    # segments with fewer than min_frames frames are skipped.
+    min_frames: int = 1
+    skip_unlabelled: bool = True  # drop samples whose target is -1 (when label != none)
+    scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range (train)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop aspect range (train)
+    hflip: float = 0.5
+    color_jitter: float = 0.3  # brightness/contrast/saturation strength, 0 = off
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    seed: int = 0
+    segments_per_batch: int = 8  # segments per Ray Data task call (a frame-mode segment gives many rows)
+    shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer; 0 = 4 x batch size
+
+    @property
+    def span(self) -> int:
+        """Frames of a segment one clip covers, first to last sampled frame."""
+        return (self.num_frames - 1) * self.frame_stride + 1 if self.mode == "clip" else 1
+
+
+def validate(cfg: DataConfig) -> None:
+    """Raise LoaderError naming the first setting that cannot work."""
+
+    def bad(key: str, why: str) -> LoaderError:
+        return LoaderError(f"data.{key}={getattr(cfg, key)!r}: {why}")
+
+    if not cfg.root:
+        raise bad("root", "a shard root (local directory or s3:// prefix) is required")
+    if cfg.mode not in ("clip", "frame"):
+        raise bad("mode", "use 'clip' or 'frame'")
+    if cfg.label not in ("none", "center", "clip", "frames"):
+        raise bad("label", "use 'none', 'center', 'clip' or 'frames'")
+    if cfg.mode == "frame" and cfg.label == "frames":
+        raise bad("label", "per-frame label vectors need mode='clip'; frame mode labels each frame with 'center'")
+    for key in ("num_frames", "frame_stride", "image_size", "min_frames", "segments_per_batch"):
+        if getattr(cfg, key) < 1:
+            raise bad(key, "must be at least 1")
+    if cfg.clips_per_segment < 0:
+        raise bad("clips_per_segment", "must be >= 0 (0 = a window centred on every frame)")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise bad("val_fraction", "must be in [0, 1)")
+    if not 0.0 < cfg.scale[0] <= cfg.scale[1] <= 1.0:
+        raise bad("scale", "need 0 < min <= max <= 1 (fractions of the face crop's area)")
+    if not 0.0 < cfg.ratio[0] <= cfg.ratio[1]:
+        raise bad("ratio", "need 0 < min <= max")
+    if not 0.0 <= cfg.hflip <= 1.0:
+        raise bad("hflip", "is a probability in [0, 1]")
+    if not 0.0 <= cfg.color_jitter < 1.0:
+        raise bad("color_jitter", "must be in [0, 1)")
+    if cfg.shuffle_buffer < 0:
+        raise bad("shuffle_buffer", "must be >= 0")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def stable_video_hash(video_id: str) -> float:
+    """A number in [0, 1) fixed by the video id alone: sha1, unlike hash(), is the same in every process."""
+    digest = hashlib.sha1(video_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def select_segments(
+    batch: pa.Table, *, split: str | None, val_fraction: float, holdout: bool
+) -> pa.Table:
+    """Rows of the wanted split, from held-out videos (holdout) or from the others.
+
+    A video is held out when ``stable_video_hash(video_id) < val_fraction``; with
+    val_fraction 0 nothing is held out and ``holdout=False`` keeps every video.
+    """
+    keep = np.ones(batch.num_rows, dtype=bool)
+    if split is not None:
+        keep &= np.asarray(pc.equal(batch.column("split"), split).fill_null(False))
+    if val_fraction > 0.0 or holdout:
+        ids = batch.column("video_id").to_pylist()
+        held = np.array([stable_video_hash(v) < val_fraction for v in ids], dtype=bool)
+        keep &= held if holdout else ~held
+    return batch.filter(pa.array(keep)) if not keep.all() else batch
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def window_positions(
+    length: int, labels: np.ndarray | None, cfg: DataConfig, *, train: bool, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Positions (row-local frame offsets) of the windows to take from one segment: [K, T] int64.
+
+    Clip mode: windows of ``num_frames`` frames ``frame_stride`` apart, wholly inside the
+    segment; a segment shorter than the span gives one window from its start, padded by
+    repeating its last frame (as VideoMAE's loader clamps indices). Frame mode: [K, 1].
+
+    ``labels`` (the segment's per-frame labels) restricts the candidates to windows with
+    a target when ``skip_unlabelled``; None means no restriction (clip labels, pretraining).
+    Training draws ``clips_per_segment`` candidates without replacement; evaluation takes
+    the centres of ``clips_per_segment`` equal bins of the candidates (the middle window for
+    one), so it is deterministic.
+    """
+    if length < cfg.min_frames or length == 0:
+        return np.zeros((0, cfg.num_frames if cfg.mode == "clip" else 1), dtype=np.int64)
+    offsets = np.arange(cfg.num_frames, dtype=np.int64) * cfg.frame_stride
+    if cfg.mode == "frame":
+        windows = np.arange(length, dtype=np.int64)[:, None]
+    elif cfg.clips_per_segment == 0:
+        # Dense: every frame is a centre; edges clamp to the segment.
+        centres = np.arange(length, dtype=np.int64)
+        windows = np.clip(centres[:, None] + offsets - offsets[cfg.num_frames // 2], 0, length - 1)
+    else:
+        starts = np.arange(max(length - cfg.span, 0) + 1, dtype=np.int64)
+        windows = np.minimum(starts[:, None] + offsets, length - 1)
+
+    if labels is not None and cfg.skip_unlabelled:
+        window_labels = labels[windows]  # [K, T]
+        if cfg.label == "frames":
+            windows = windows[(window_labels >= 0).any(axis=1)]
+        else:
+            windows = windows[window_labels[:, window_labels.shape[1] // 2] >= 0]
+
+    count = len(windows)
+    if cfg.mode == "frame" or cfg.clips_per_segment == 0 or count <= cfg.clips_per_segment and not train:
+        return windows
+    k = min(cfg.clips_per_segment, count)
+    if train:
+        assert rng is not None, "training windows need a generator"
+        return windows[np.sort(rng.choice(count, size=k, replace=False))]
+    return windows[((np.arange(k) + 0.5) * count / k).astype(np.int64)]
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def _crop_box(h: int, w: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (y, x, height, width), with a centre-crop fallback."""
+    area = h * w
+    log_ratio = (math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(cfg.scale[0], cfg.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def _centre_box(h: int, w: int) -> tuple[int, int, int, int]:
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def _crop_resize(frames: list[np.ndarray], box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The same box cut from every frame and resized to size x size: [T, size, size, 3] uint8."""
+    y, x, ch, cw = box
+    out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
+    # INTER_AREA only from 2x reductions on, where INTER_LINEAR starts to alias; below
+    # that INTER_LINEAR looks the same and costs a quarter as much.
+    interpolation = cv2.INTER_AREA if min(ch, cw) >= 2 * size else cv2.INTER_LINEAR
+    for i, frame in enumerate(frames):
+        crop = frame[y : y + ch, x : x + cw]
+        if crop.shape[0] == size and crop.shape[1] == size:
+            out[i] = crop
+        else:
+            cv2.resize(crop, (size, size), dst=out[i], interpolation=interpolation)
+    return out
+
+
+def _jitter(clip: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation with one set of factors for the whole clip [T, H, W, 3].
+
+    torchvision's rules (contrast blends towards the frame's mean grey, saturation towards
+    each pixel's grey, ITU-R 601 luma), in a fixed order, as saturating uint8 OpenCV ops:
+    a quarter of the cost of the same arithmetic in float32 numpy.
+    """
+    b, c, s = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    out = np.empty_like(clip)
+    for i, frame in enumerate(clip):
+        mean_grey = float(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).mean())
+        # Brightness then contrast is one affine map: (b * x - b * m) * c + b * m.
+        cv2.addWeighted(frame, b * c, frame, 0.0, b * mean_grey * (1.0 - c), dst=out[i])
+        grey = cv2.cvtColor(cv2.cvtColor(out[i], cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        cv2.addWeighted(out[i], s, grey, 1.0 - s, 0.0, dst=out[i])
+    return out
+
+
+def transform_clip(frames: list[np.ndarray], cfg: DataConfig, *, train: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """Frames of one sample → [T, S, S, 3] uint8 with one crop, flip and jitter for all of them.
+
+    Drawing the augmentation once per clip keeps motion intact (VideoMAE's consistent
+    spatial augmentation); per-frame draws would add flicker the model must ignore.
+    """
+    h, w = frames[0].shape[:2]
+    if not train:
+        return _crop_resize(frames, _centre_box(h, w), cfg.image_size)
+    assert rng is not None
+    clip = _crop_resize(frames, _crop_box(h, w, cfg, rng), cfg.image_size)
+    if rng.random() < cfg.hflip:
+        clip = np.ascontiguousarray(clip[:, :, ::-1])
+    if cfg.color_jitter > 0:
+        clip = _jitter(clip, cfg.color_jitter, rng)
+    return clip
+
+
+# --------------------------------------------------------------------------- Ray Data steps
+
+
+def _epoch_salt() -> int:
+    """Ray Data's execution index for the running Dataset: 0, 1, 2, … for its successive passes.
+
+    The same counter Ray uses to reseed FileShuffleConfig and random() per execution; it
+    is private, so a Ray without it gives 0 (augmentation then repeats across epochs,
+    which tests/test_loaders.py would catch).
+    """
+    from ray.data.context import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def _segment_rng(seed: int, salt: int, video_id: str, track_id: int, first_frame: int) -> np.random.Generator:
+    # Keyed by segment identity, not batch position, so Ray's block sizes cannot change a sample.
+    digest = hashlib.sha1(f"{video_id}\x00{track_id}\x00{first_frame}".encode("utf-8")).digest()
+    words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, salt & 0xFFFFFFFF, *words]))
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, Any]:
+    """A list column's offsets and child values (absolute: ``values`` ignores a slice's offset)."""
+    column = table.column(name).combine_chunks()
+    return column.offsets.to_numpy(), column.values
+
+
+class _Rows:
+    """Per-row access to a segment table without turning the image column into Python bytes."""
+
+    def __init__(self, batch: pa.Table):
+        self.n = batch.num_rows
+        self.video_id = batch.column("video_id").to_pylist()
+        names = batch.column_names
+        self.track_id = batch.column("track_id").to_numpy() if "track_id" in names else np.zeros(self.n, np.int64)
+        self.offsets, values = _list_column(batch, "frame_index")
+        self.frame_index = values.to_numpy()
+        self.lengths = np.diff(self.offsets)
+        self.labels = self.clip_label = self.images = None
+        if "labels" in names:
+            self.label_offsets, values = _list_column(batch, "labels")
+            self.labels = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            if not np.array_equal(np.diff(self.label_offsets), self.lengths):
+                raise LoaderError("a segment row has different numbers of labels and frame indices")
+        if "clip_label" in names:
+            self.clip_label = batch.column("clip_label").to_numpy().astype(np.int64)
+        if "images" in names:
+            self.image_offsets, self.images = _list_column(batch, "images")  # BinaryArray of every JPEG
+            if not np.array_equal(np.diff(self.image_offsets), self.lengths):
+                raise LoaderError("a segment row has different numbers of images and frame indices")
+
+    def frames(self, i: int) -> np.ndarray:
+        return self.frame_index[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+
+    def frame_labels(self, i: int) -> np.ndarray | None:
+        if self.labels is None:
+            return None
+        return self.labels[self.label_offsets[i] : self.label_offsets[i + 1]]
+
+    def decode(self, i: int, positions: np.ndarray) -> dict[int, np.ndarray]:
+        """Decoded RGB frames at the given row-local positions (each decoded once)."""
+        start = int(self.image_offsets[i])
+        # as_buffer() is a zero-copy view of the JPEG bytes inside the Arrow column.
+        return {int(p): decode_jpeg(self.images[start + int(p)].as_buffer()) for p in np.unique(positions)}
+
+
+def _segment_labels(rows: _Rows, i: int, cfg: DataConfig) -> np.ndarray | None:
+    """Per-frame labels that decide which windows have a target (None: no per-frame filter)."""
+    if cfg.label in ("center", "frames"):
+        return rows.frame_labels(i)
+    return None
+
+
+def _skip_segment(rows: _Rows, i: int, cfg: DataConfig) -> bool:
+    return cfg.label == "clip" and cfg.skip_unlabelled and int(rows.clip_label[i]) < 0
+
+
+def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, np.ndarray]:
+    """Segments → clips: windows, JPEG decode and one augmentation per clip (uint8 out).
+
+    Output columns: ``video`` [N, T, S, S, 3] uint8, ``video_id`` str, ``frame_index``
+    int64 (the centre frame, position T // 2 of the window), and ``label`` int64 (centre
+    or clip label) or ``labels`` int64 [N, T] (label == frames); no label for 'none'.
+    """
+    rows = _Rows(batch)
+    salt = _epoch_salt() if train else 0
+    T, S = cfg.num_frames, cfg.image_size
+    clips, ids, centres, targets = [], [], [], []
+    for i in range(rows.n):
+        if _skip_segment(rows, i, cfg):
+            continue
+        frames = rows.frames(i)
+        rng = _segment_rng(cfg.seed, salt, rows.video_id[i], int(rows.track_id[i]), int(frames[0])) if train else None
+        windows = window_positions(len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)
+        if len(windows) == 0:
+            continue
+        decoded = rows.decode(i, windows)
+        labels = rows.frame_labels(i)
+        for window in windows:
+            clips.append(transform_clip([decoded[int(p)] for p in window], cfg, train=train, rng=rng))
+            ids.append(rows.video_id[i])
+            centres.append(frames[window[T // 2]])
+            if cfg.label == "center":
+                targets.append(labels[window[T // 2]])
+            elif cfg.label == "frames":
+                targets.append(labels[window])
+            elif cfg.label == "clip":
+                targets.append(rows.clip_label[i])
+    out = {
+        "video": np.stack(clips) if clips else np.zeros((0, T, S, S, 3), dtype=np.uint8),
+        "video_id": np.array(ids, dtype=np.str_),
+        "frame_index": np.array(centres, dtype=np.int64),
+    }
+    if cfg.label == "frames":
+        out["labels"] = np.stack(targets).astype(np.int64) if targets else np.zeros((0, T), dtype=np.int64)
+    elif cfg.label != "none":
+        out["label"] = np.array(targets, dtype=np.int64)
+    return out
+
+
+def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, np.ndarray]:
+    """Segments → single frames, each kept frame once per pass (uint8 out).
+
+    Output columns: ``image`` [N, S, S, 3] uint8, ``video_id`` str, ``frame_index``
+    int64 and ``label`` int64 (the frame's own label, or its segment's clip_label).
+    """
+    rows = _Rows(batch)
+    salt = _epoch_salt() if train else 0
+    S = cfg.image_size
+    images, ids, indices, targets = [], [], [], []
+    for i in range(rows.n):
+        if _skip_segment(rows, i, cfg):
+            continue
+        frames = rows.frames(i)
+        rng = _segment_rng(cfg.seed, salt, rows.video_id[i], int(rows.track_id[i]), int(frames[0])) if train else None
+        positions = window_positions(len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)[:, 0]
+        if len(positions) == 0:
+            continue
+        decoded = rows.decode(i, positions)
+        labels = rows.frame_labels(i)
+        for p in positions:
+            images.append(transform_clip([decoded[int(p)]], cfg, train=train, rng=rng)[0])
+            ids.append(rows.video_id[i])
+            indices.append(frames[p])
+            if cfg.label == "center":
+                targets.append(labels[p])
+            elif cfg.label == "clip":
+                targets.append(rows.clip_label[i])
+    out = {
+        "image": np.stack(images) if images else np.zeros((0, S, S, 3), dtype=np.uint8),
+        "video_id": np.array(ids, dtype=np.str_),
+        "frame_index": np.array(indices, dtype=np.int64),
+    }
+    if cfg.label != "none":
+        out["label"] = np.array(targets, dtype=np.int64)
+    return out
+
+
+def _columns(cfg: DataConfig, *, pixels: bool = True) -> list[str]:
+    columns = ["video_id", "track_id", "frame_index"]
+    if cfg.split is not None:
+        columns.append("split")
+    if cfg.label in ("center", "frames"):
+        columns.append("labels")
+    if cfg.label == "clip":
+        columns.append("clip_label")
+    if pixels:
+        columns.append("images")
+    return columns
+
+
+def _shard_paths(root: str) -> tuple[Any, list[str]]:
+    """The pyarrow filesystem of ``root`` and its shard files as paths inside it."""
+    uris = shards.list_shards(root)
+    if not uris:
+        raise LoaderError(f"no shards under {storage.join(root, shards.SHARDS_DIR)!r}: run `affectray ingest` first")
+    shards_uri = storage.join(root, shards.SHARDS_DIR)
+    fs, base = storage.pyarrow_filesystem(shards_uri)
+    paths = [posixpath.join(base, uri[len(shards_uri) :].replace("\\", "/").lstrip("/")) for uri in uris]
+    return fs, paths
+
+
+def build_dataset(cfg: DataConfig, *, train: bool, holdout: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of uint8 samples (clips or frames) from the shards under ``cfg.root``.
+
+    ``train`` shuffles the file order (reseeded per pass), draws random windows and
+    augments; otherwise windows are deterministic and frames are only resized.
+    ``holdout`` gives the videos that ``val_fraction`` holds out instead of the rest.
+    """
+    import ray.data
+
+    validate(cfg)
+    if holdout and cfg.val_fraction <= 0.0:
+        raise LoaderError("data.val_fraction=0.0: there are no held-out videos to read (set it above 0)")
+    fs, paths = _shard_paths(cfg.root)
+    ds = ray.data.read_parquet(
+        paths,
+        filesystem=fs,
+        # Epochs see files in a different, reproducible order (seed + execution index).
+        shuffle=ray.data.FileShuffleConfig(seed=cfg.seed) if train else None,
+    ).select_columns(_columns(cfg))  # pushed down into the Parquet reader: other columns are never read
+    if cfg.split is not None or cfg.val_fraction > 0.0:
+        ds = ds.map_batches(
+            select_segments,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"split": cfg.split, "val_fraction": cfg.val_fraction, "holdout": holdout},
+        )
+    return ds.map_batches(
+        sample_clips if cfg.mode == "clip" else sample_frames,
+        batch_format="pyarrow",
+        batch_size=cfg.segments_per_batch,
+        fn_kwargs={"cfg": cfg, "train": train},
+    )
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _scan(cfg: DataConfig, holdout: bool) -> pa.Table:
+    """Label and index columns (no pixels) of the selected segments, read on the driver."""
+    import pyarrow.dataset as pads
+
+    validate(cfg)
+    fs, paths = _shard_paths(cfg.root)
+    columns = sorted(set(_columns(cfg, pixels=False)) | {"labels", "clip_label"})
+    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    return select_segments(table, split=cfg.split, val_fraction=cfg.val_fraction, holdout=holdout)
+
+
+def count_samples(source: DataConfig | ray.data.Dataset, *, train: bool = False, holdout: bool = False) -> int:
+    """Samples in one pass, e.g. for steps per epoch or a progress bar.
+
+    Given a DataConfig, counts from the label and index columns alone (no image is read
+    or decoded); the count is exact for training too, since a pass takes
+    min(clips_per_segment, candidates) windows from every segment. Given a Dataset,
+    runs it (``Dataset.count()``), decoding everything.
+    """
+    if not isinstance(source, DataConfig):
+        return int(source.count())
+    cfg = source
+    rows = _Rows(_scan(cfg, holdout))
+    rng = np.random.default_rng(0)  # any generator: training draws a fixed number of windows
+    total = 0
+    for i in range(rows.n):
+        if not _skip_segment(rows, i, cfg):
+            total += len(window_positions(int(rows.lengths[i]), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng))
+    return total
+
+
+def class_counts(cfg: DataConfig, num_classes: int | None = None, *, holdout: bool = False) -> np.ndarray:
+    """Samples per class among the selected segments, for class-weighted losses: [num_classes] int64.
+
+    Frame and centre labels count every labelled frame (what a dense pass sees); clip
+    labels count segments. Reads only the label columns. ``num_classes`` defaults to the
+    manifest's label set, else the largest label + 1.
+    """
+    if cfg.label == "none":
+        raise LoaderError("data.label='none' has no classes to count")
+    table = _scan(cfg, holdout)
+    if cfg.label == "clip":
+        values = table.column("clip_label").to_numpy().astype(np.int64)
+    else:
+        values = pc.list_flatten(table.column("labels")).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = values[values >= 0]
+    if num_classes is None:
+        num_classes = _manifest_classes(cfg.root) or (int(values.max()) + 1 if len(values) else 0)
+    if len(values) and values.max() >= num_classes:
+        raise LoaderError(f"label {int(values.max())} in {cfg.root!r} does not fit {num_classes} classes")
+    return np.bincount(values, minlength=num_classes).astype(np.int64)
+
+
+def _manifest_classes(root: str) -> int | None:
+    uri = storage.join(root, shards.MANIFEST_NAME)
+    if not storage.exists(uri):
+        return None
+    classes = storage.read_json(uri).get("label_set", {}).get("classes")
+    return len(classes) if classes else None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _collate_fn(keep_ids: bool):
+    """A collate class for iter_torch_batches: uint8/int64 tensors, video ids as a list.
+
+    The default collate cannot take string columns, and ``dtypes`` cannot be combined with
+    a collate_fn, so this one sets the dtypes itself. Without ids its output is a dict of
+    tensors, which Ray pins and moves to the device on its prefetch thread.
+    """
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class FerCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            # Arrays from the object store are read-only; nothing writes to these tensors
+            # (to_model_input makes new ones), so skip torch's warning as Ray's own collate does.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                for name, value in batch.items():
+                    if name == "video_id":
+                        if keep_ids:
+                            out[name] = [str(v) for v in value]
+                    elif name in ("video", "image"):
+                        out[name] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.uint8))
+                    else:
+                        out[name] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.int64))
+            return out
+
+    return FerCollate()
+
+
+def _resolve_device(device: Any) -> torch.device:
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    try:
+        from ray.train.torch import get_device
+
+        return get_device()
+    except Exception:  # noqa: BLE001 - outside a Ray Train worker there is no assigned device
+        return torch.device("cpu")
+
+
+def to_model_input(batch: dict[str, Any], cfg: DataConfig, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 samples → normalised float input on ``device``.
+
+    Clip mode: ``video`` [B, T, H, W, 3] → [B, C, T, H, W] (VideoMAE's layout); frame mode:
+    ``image`` [B, H, W, 3] → [B, C, H, W]. The conversion runs where the tensor lives after
+    the move, i.e. on the GPU when there is one. ``dtype`` defaults to float32.
+    """
+    import torch
+
+    device = _resolve_device(device)
+    dtype = dtype or torch.float32
+    key = "video" if cfg.mode == "clip" else "image"
+    x = batch[key].to(device, non_blocking=True)
+    x = x.permute(0, 4, 1, 2, 3) if cfg.mode == "clip" else x.permute(0, 3, 1, 2)
+    shape = (1, 3) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(cfg.mean, device=device, dtype=torch.float32).view(shape) * 255.0
+    std = torch.tensor(cfg.std, device=device, dtype=torch.float32).view(shape) * 255.0
+    # Normalise in float32, then cast: bf16 has too few bits for (x - mean) / std to be exact.
+    x = (x.float() - mean) / std
+    return x.to(dtype).contiguous()
+
+
+def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> torch.Tensor | None:
+    if cfg.label == "none":
+        return None
+    return batch["labels" if cfg.label == "frames" else "label"].to(device, non_blocking=True)
+
+
+def iter_train_batches(
+    shard: Any, cfg: DataConfig, batch_size: int, epoch: int, device: Any = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One training epoch over a dataset shard: (inputs, targets or None) per full batch.
+
+    ``shard`` is what ``ray.train.get_dataset_shard("train")`` returns (or a Dataset).
+    Rows are mixed by a local shuffle buffer seeded with ``cfg.seed + epoch``; the last
+    incomplete batch is dropped so every DDP rank runs the same number of steps.
+    """
+    device = _resolve_device(device)
+    buffer = cfg.shuffle_buffer or 4 * batch_size
+    batches = shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=max(buffer, batch_size),
+        local_shuffle_seed=cfg.seed + epoch,
+        drop_last=True,
+        collate_fn=_collate_fn(keep_ids=False),
+        device=device,
+        pin_memory=device.type == "cuda",
+        prefetch_batches=2,
+    )
+    for batch in batches:
+        yield to_model_input(batch, cfg, device, dtype), _targets(batch, cfg, device)
+
+
+def iter_eval_batches(
+    ds: Any, cfg: DataConfig, batch_size: int, device: Any = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
+    """Every evaluation sample once, in arrival order: (inputs, targets or None, meta).
+
+    ``meta`` holds ``video_id`` (list of str) and ``frame_index`` (int64 tensor, the
+    centre frame) for per-video metrics and temporal smoothing.
+    """
+    device = _resolve_device(device)
+    batches = ds.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=False,
+        collate_fn=_collate_fn(keep_ids=True),
+        device="cpu",  # the output holds a list of ids, so Ray leaves the move to us
+        prefetch_batches=2,
+    )
+    for batch in batches:
+        meta = {"video_id": batch["video_id"], "frame_index": batch["frame_index"]}
+        yield to_model_input(batch, cfg, device, dtype), _targets(batch, cfg, device), meta
