@@ -102,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps: int = config["total_steps"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_ids = _worker_node_ids(world)  # the node of every rank: jobs report where work ran
 
     device = ray.train.torch.get_device()
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
@@ -188,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 first_loss = window.losses[0]
             window.elapsed_until(time.perf_counter())
             if step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0 or step >= total_steps:
-                last_metrics = {**window.summary(), "lr": lr, "step": step, "epoch": epoch, "first_loss": first_loss, "resumed_from_step": resumed_from, **extra}
+                last_metrics = {**window.summary(), "lr": lr, "step": step, "epoch": epoch, "first_loss": first_loss, "resumed_from_step": resumed_from, "worker_nodes": node_ids, **extra}
                 window = _Meter()
                 if step % train_cfg.checkpoint_every == 0 or step >= total_steps:
                     save(last_metrics, epoch_done=False)
@@ -233,6 +234,19 @@ class _Meter:
             "samples_per_s": self.samples / elapsed,
             "data_wait_fraction": min(1.0, self.data_wait / elapsed),
         }
+
+
+def _worker_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, gathered from all workers (rank order)."""
+    import ray
+    import torch.distributed as dist
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node_id]
+    node_ids: list[str] = [""] * world
+    dist.all_gather_object(node_ids, node_id)
+    return node_ids
 
 
 def _maybe_fail(run_cfg: RunConfig, step: int, rank: int) -> None:

@@ -157,6 +157,7 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
         "resumed_from_step": metrics.get("resumed_from_step", 0),
         "samples_per_s": metrics.get("samples_per_s"),
         "data_wait_fraction": metrics.get("data_wait_fraction"),
+        "nodes": sorted(set(metrics.get("worker_nodes") or [])),  # Ray nodes that ran the train workers
         "checkpoint": checkpoint_uri(config.run.storage, result.checkpoint),
         "run": run_uri,
         "seconds": round(time.perf_counter() - start, 1),
