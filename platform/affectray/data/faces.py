@@ -23,6 +23,8 @@ __all__ = [
     "align_face",
     "align_faces",
     "decode_jpeg",
+    "detect_and_align",
+    "downscale",
     "encode_jpeg",
     "face_template",
     "similarity_transform",
@@ -159,6 +161,41 @@ def _batches_by_size(images: Sequence[np.ndarray], max_batch: int) -> list[list[
             raise ValueError(f"image {i}: expected [h, w, 3] uint8 RGB, got {image.shape} {image.dtype}")
         groups.setdefault(image.shape, []).append(i)
     return [ids[k : k + max_batch] for ids in groups.values() for k in range(0, len(ids), max_batch)]
+
+
+def downscale(images: Sequence[np.ndarray], max_side: int) -> tuple[list[np.ndarray], float]:
+    """Frames shrunk so that max(h, w) <= max_side, and the factor that maps their coordinates back.
+
+    All images are taken to share the first one's size (a FrameBatch does).
+    """
+    h, w = images[0].shape[:2]
+    factor = min(1.0, max_side / max(h, w))
+    if factor == 1.0:
+        return list(images), 1.0
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images], factor
+
+
+def detect_and_align(
+    detector: FaceDetector,
+    images: Sequence[np.ndarray],
+    image_size: int,
+    detect_max_side: int,
+    margin: float = DEFAULT_MARGIN,
+) -> list[tuple[list[Detection], np.ndarray]]:
+    """Detect on downscaled copies of same-sized frames, align from the frames themselves.
+
+    Returns, per image, its faces (in the image's coordinates, most probable first)
+    and their aligned crops [N, image_size, image_size, 3] (N may be 0). Ingest and
+    labeling share this, so both see the same faces and the same crops.
+    """
+    small, factor = downscale(images, detect_max_side)
+    found = detector.detect(small, scale=factor)
+    empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+    return [
+        (faces, align_faces(image, np.stack([d.landmarks for d in faces]), image_size, margin) if faces else empty)
+        for image, faces in zip(images, found)
+    ]
 
 
 def face_template(image_size: int = 224, margin: float = DEFAULT_MARGIN) -> np.ndarray:

@@ -145,7 +145,7 @@ class UnitProcessor:
     # -- videos: decode → detect → align → track → segments -------------------------------
 
     def _read_video(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
-        from affectray.data.faces import align_faces, encode_jpeg
+        from affectray.data.faces import detect_and_align, encode_jpeg
         from affectray.data.tracking import IoUTracker, select_tracks
         from affectray.data.video import VideoDecodeError, iter_frames
 
@@ -156,16 +156,12 @@ class UnitProcessor:
         try:
             with storage.open_input(unit.uris[0]) as stream:
                 for batch in iter_frames(stream, max_side=cfg.decode_max_side, batch_size=cfg.decode_batch):
-                    small, factor = _downscale(batch.images, cfg.detect_max_side)
-                    detections = self.detector().detect(small, scale=factor)
-                    for image, frame, pts, found in zip(batch.images, batch.frame_index, batch.pts_seconds, detections):
+                    faces_per_frame = detect_and_align(self.detector(), batch.images, cfg.image_size, cfg.detect_max_side)
+                    for frame, pts, (found, crops) in zip(batch.frame_index, batch.pts_seconds, faces_per_frame):
                         result.frames += 1
                         result.frames_with_face += bool(found)
                         result.multi_face_frames += len(found) > 1
                         ids = tracker.update(int(frame), found)
-                        if not found:
-                            continue
-                        crops = align_faces(image, np.stack([d.landmarks for d in found]), cfg.image_size)
                         for det, track_id, crop in zip(found, ids, crops):
                             jpeg = encode_jpeg(crop, cfg.jpeg_quality)
                             faces.setdefault(track_id, []).append((int(frame), float(pts), jpeg, det.score))
@@ -401,18 +397,6 @@ def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
         return list(units)
     done = {uri.replace("\\", "/").rsplit("/", 1)[-1][: -len(".json")] for uri in storage.list_files(done_dir, (".json",))}
     return [u for u in units if u.key not in done]
-
-
-def _downscale(images: list[np.ndarray], max_side: int) -> tuple[list[np.ndarray], float]:
-    """Frames shrunk for detection, and the factor that maps their coordinates back."""
-    import cv2
-
-    h, w = images[0].shape[:2]
-    factor = min(1.0, max_side / max(h, w))
-    if factor == 1.0:
-        return images, 1.0
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images], factor
 
 
 def _label_counts(segments: list[shards.Segment]) -> dict[str, int]:
