@@ -1,0 +1,190 @@
+"""Classifier checkpoints as predictors: one way to turn faces into class probabilities.
+
+Fine-tuning writes, evaluation reads and the label job reads the same
+self-describing checkpoint (``train/checkpoint.py``). Its ``meta.json`` for a
+classifier carries::
+
+    kind           "classifier"
+    model          {"name": <registry name>, "kwargs": {...}}   (model.describe())
+    label_set      {"name": "abaw8" | "cfc_coarse" | ..., "classes": [...]}
+    preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std"}
+
+so :func:`load_classifier` rebuilds the model from the registry, loads the
+safetensors weights and knows what input it wants. A cascade checkpoint is a
+``cfc_cascade`` model: it predicts the eight ABAW classes as one model.
+
+Window models (smooth predicting, CNN-GRU, CNN-Transformer, video encoders)
+predict a frame from the window of ``num_frames`` frames ``frame_stride`` apart
+centred on it; :meth:`Classifier.predict_track` builds those windows along a
+face track exactly as the loader's dense evaluation does (edges repeat the
+first/last frame), so labeling and evaluation see the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from affectray.train import checkpoint as ckpt
+
+__all__ = ["Classifier", "Preprocessing", "load_classifier", "probabilities", "track_windows"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a classifier's input looks like, as fine-tuning fed it."""
+
+    mode: str = "frame"  # "frame": one image per sample; "clip": a window of frames
+    image_size: int = 224
+    num_frames: int = 1
+    frame_stride: int = 1
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
+        p = dict(meta.get("preprocessing") or {})
+        mode = p.get("mode", "clip" if int(p.get("num_frames", 1)) > 1 else "frame")
+        return cls(
+            mode=mode,
+            image_size=int(p.get("image_size", 224)),
+            num_frames=int(p.get("num_frames", 1)) if mode == "clip" else 1,
+            frame_stride=int(p.get("frame_stride", 1)),
+            mean=tuple(p.get("mean", cls.mean)),
+            std=tuple(p.get("std", cls.std)),
+        )
+
+
+def probabilities(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A model's output dict → class probabilities [B, C] in float32.
+
+    The cascade gives ``probs`` directly; many-to-many window models give logits
+    [B, T, C], of which the centre frame is the prediction.
+    """
+    if "probs" in outputs:
+        return outputs["probs"].float()
+    logits = outputs["logits"]
+    if logits.dim() == 3:
+        logits = logits[:, logits.shape[1] // 2]
+    return logits.float().softmax(dim=-1)
+
+
+def track_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:
+    """Positions of the window centred on every frame of a track: [length, num_frames] int64.
+
+    Offsets run ``frame_stride`` apart around the centre (position num_frames // 2)
+    and clamp at the track's ends, as the loader's dense evaluation windows do.
+    """
+    offsets = np.arange(num_frames, dtype=np.int64) * frame_stride
+    offsets -= offsets[num_frames // 2]
+    return np.clip(np.arange(length, dtype=np.int64)[:, None] + offsets, 0, max(length - 1, 0))
+
+
+class Classifier:
+    """A loaded classifier checkpoint: model in eval mode, class names, preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], model_id: str, device: Any = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.model_id = model_id
+        self.preprocessing = Preprocessing.from_meta(meta)
+        self.classes: list[str] = list((meta.get("label_set") or {}).get("classes") or [])
+        if not self.classes:
+            self.classes = [f"class_{i}" for i in range(int(getattr(model, "num_classes", 0)))]
+        self.label_set_name: str = (meta.get("label_set") or {}).get("name", "")
+        self._use_bf16 = self.device.type == "cuda"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., H, W, 3] → normalised float [..., 3, H, W] on the device."""
+        x = x.to(self.device, non_blocking=True)
+        x = x.movedim(-1, -3).float()
+        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(3, 1, 1) * 255.0
+        std = torch.tensor(self.preprocessing.std, device=self.device).view(3, 1, 1) * 255.0
+        return (x - mean) / std
+
+    @torch.inference_mode()
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Model-ready float inputs ([B, 3, H, W] or [B, T, 3, H, W]) → probabilities [B, C] on the CPU."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
+            outputs = self.model(inputs.to(self.device))
+        return probabilities(outputs).cpu()
+
+    def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Aligned faces of one track in time order, uint8 [N, S, S, 3] → probabilities [N, C] float32.
+
+        Faces are resized to the checkpoint's image size when they differ.
+        """
+        faces = self._resize(faces)
+        n = len(faces)
+        if n == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        pixels = torch.from_numpy(np.ascontiguousarray(faces))
+        windows = None
+        if self.preprocessing.mode == "clip":
+            windows = track_windows(n, self.preprocessing.num_frames, self.preprocessing.frame_stride)
+        out = []
+        for start in range(0, n, batch_size):
+            if windows is None:
+                batch = self._normalise(pixels[start : start + batch_size])  # [B, 3, H, W]
+            else:
+                index = torch.from_numpy(windows[start : start + batch_size])  # [B, T]
+                batch = self._normalise(pixels[index])  # [B, T, 3, H, W]
+            out.append(self.predict(batch))
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def _resize(self, faces: np.ndarray) -> np.ndarray:
+        size = self.preprocessing.image_size
+        if len(faces) == 0 or faces.shape[1:3] == (size, size):
+            return faces
+        import cv2
+
+        return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in faces])
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 of the weights file, shortened: the model id written next to every label."""
+    digest = hashlib.sha256()
+    with open(Path(directory, ckpt.WEIGHTS_FILE), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
+    """The classifier checkpoint at ``uri`` (local or s3://), ready to predict.
+
+    Raises CheckpointError for a checkpoint that is not a classifier (e.g. a
+    pretraining checkpoint, which has no head to label with).
+    """
+    from affectray.models.registry import ModelError, create_model_from_description
+
+    with ckpt.open_checkpoint(uri) as directory:
+        meta = ckpt.read_meta(directory)
+        if meta.get("kind") != "classifier":
+            raise ckpt.CheckpointError(
+                f"{uri!r} is a {meta.get('kind', 'unknown')!r} checkpoint, not a classifier: "
+                "fine-tune it first (affectray finetune), then label with the fine-tuned checkpoint"
+            )
+        try:
+            model = create_model_from_description(meta["model"])
+        except (KeyError, ModelError, TypeError) as error:
+            raise ckpt.CheckpointError(f"{uri!r}: cannot rebuild its model: {error}") from None
+        state = ckpt.load_weights(directory)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"{uri!r}: weights do not match the model {meta['model'].get('name')!r} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model_id = weights_digest(directory)
+    return Classifier(model, meta, model_id, device)

@@ -1,0 +1,156 @@
+"""Classifier checkpoints as predictors: rebuild, normalise, resize, centred windows, model ids, refusals, S3."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from affectray import storage
+from affectray.labels import ABAW8
+from affectray.models.inference import load_classifier, track_windows
+from affectray.models.registry import create_model
+from affectray.train.checkpoint import CheckpointError, save_checkpoint
+
+S = 32
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads on a busy 2-core box
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_classifier(directory, model, *, mode="frame", num_frames=1, frame_stride=1, size=S, classes=ABAW8.classes):
+    meta = {
+        "kind": "classifier",
+        "model": model.describe(),
+        "label_set": {"name": "abaw8", "classes": list(classes)},
+        "preprocessing": {
+            "mode": mode, "image_size": size, "num_frames": num_frames, "frame_stride": frame_stride,
+            "mean": list(MEAN), "std": list(STD),
+        },
+    }  # fmt: skip
+    save_checkpoint(directory, model, meta)
+    return str(directory)
+
+
+def faces(n: int, size: int = S, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def normalise(x: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] → the float [..., 3, H, W] fine-tuning fed the model."""
+    t = torch.from_numpy(x).movedim(-1, -3).float() / 255.0
+    return (t - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def frame_model(seed: int = 0, num_classes: int = 8):
+    torch.manual_seed(seed)
+    return create_model("frame", backbone="test_resnet", num_classes=num_classes).eval()
+
+
+def test_frame_checkpoint_predicts_what_the_model_says(tmp_path):
+    model = frame_model()
+    classifier = load_classifier(save_classifier(tmp_path / "ckpt", model))
+    assert classifier.classes == list(ABAW8.classes) and classifier.num_classes == 8
+    assert classifier.preprocessing.mode == "frame" and classifier.preprocessing.image_size == S
+    assert len(classifier.model_id) == 16 and int(classifier.model_id, 16) >= 0
+
+    x = faces(5)
+    probs = classifier.predict_track(x, batch_size=2)  # batches of 2 give the same as one pass
+    with torch.no_grad():
+        expected = model(normalise(x))["logits"].softmax(-1).numpy()
+    assert probs.shape == (5, 8) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert classifier.predict_track(x[:0]).shape == (0, 8)
+
+
+def test_faces_of_another_size_are_resized_to_the_checkpoints(tmp_path):
+    classifier = load_classifier(save_classifier(tmp_path / "ckpt", frame_model()))
+    big = faces(3, size=80, seed=1)
+    small = np.stack([cv2.resize(f, (S, S), interpolation=cv2.INTER_AREA) for f in big])
+    np.testing.assert_allclose(classifier.predict_track(big), classifier.predict_track(small), atol=1e-6)
+
+
+def test_track_windows_are_centred_strided_and_clamped():
+    np.testing.assert_array_equal(
+        track_windows(5, 3, 2), [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]]
+    )
+    np.testing.assert_array_equal(track_windows(1, 4, 1), [[0, 0, 0, 0]])
+    assert track_windows(0, 3, 1).shape == (0, 3)
+
+
+def test_window_model_sees_the_window_centred_on_each_frame(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cfc_sp", backbone="test_resnet", num_classes=8, window=3).eval()
+    classifier = load_classifier(save_classifier(tmp_path / "ckpt", model, mode="clip", num_frames=3))
+    assert classifier.preprocessing.mode == "clip" and classifier.preprocessing.num_frames == 3
+    x = faces(6, seed=2)
+    probs = classifier.predict_track(x, batch_size=4)
+    windows = np.stack([x[[max(i - 1, 0), i, min(i + 1, 5)]] for i in range(6)])  # [6, 3, S, S, 3]
+    with torch.no_grad():
+        expected = model(normalise(windows))["logits"].softmax(-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    # A neighbour changes frame 0's prediction; a face outside every window of frame 4 does not.
+    y = x.copy()
+    y[1] = faces(1, seed=9)[0]
+    changed = classifier.predict_track(y)
+    assert not np.allclose(changed[0], probs[0], atol=1e-4)
+    np.testing.assert_allclose(changed[4], probs[4], atol=1e-6)
+
+
+def test_cascade_runs_as_one_eight_class_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(
+        "cfc_cascade",
+        coarse={"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 5}},
+        negative={"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 4}},
+    )
+    classifier = load_classifier(save_classifier(tmp_path / "ckpt", model))
+    probs = classifier.predict_track(faces(4, seed=3))
+    assert probs.shape == (4, 8)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_model_id_is_the_hash_of_the_weights(tmp_path):
+    first = load_classifier(save_classifier(tmp_path / "a", frame_model(seed=0)))
+    same = load_classifier(save_classifier(tmp_path / "b", frame_model(seed=0)))
+    other = load_classifier(save_classifier(tmp_path / "c", frame_model(seed=1)))
+    assert first.model_id == same.model_id != other.model_id
+
+
+def test_refuses_pretraining_checkpoints_and_weights_of_another_model(tmp_path):
+    path = save_classifier(tmp_path / "pre", frame_model())
+    meta_file = tmp_path / "pre" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "kind": "pretrain"}))
+    with pytest.raises(CheckpointError, match="not a classifier"):
+        load_classifier(path)
+
+    path = save_classifier(tmp_path / "mismatch", frame_model())
+    meta_file = tmp_path / "mismatch" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model"]["kwargs"]["num_classes"] = 5  # weights hold an 8-class head
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises((CheckpointError, RuntimeError)):
+        load_classifier(path)
+
+    with pytest.raises(CheckpointError, match="not an affectray checkpoint"):
+        load_classifier(str(tmp_path / "nowhere"))
+
+
+def test_loads_from_s3(tmp_path, s3_bucket):
+    local = save_classifier(tmp_path / "ckpt", frame_model())
+    uri = f"{s3_bucket}/runs/ckpt"
+    storage.upload_dir(local, uri)
+    remote, here = load_classifier(uri), load_classifier(local)
+    assert remote.model_id == here.model_id
+    np.testing.assert_allclose(remote.predict_track(faces(2)), here.predict_track(faces(2)), atol=1e-6)
