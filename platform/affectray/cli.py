@@ -17,6 +17,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("affectray.data.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
     "ingest": ("affectray.data.ingest", "turn videos, frame folders or image folders into aligned-face segment shards"),
     "pretrain": ("affectray.train.pretrain", "pretrain VideoMAE / MAE-DFER on segment shards with Ray Train"),
+    "finetune": ("affectray.train.finetune", "fine-tune an expression classifier (CFC-SP, CNN-GRU, ESR, MAE-DFER, ...)"),
+    "cascade": ("affectray.train.cascade", "join coarse and negative CFC-SP checkpoints into one 8-class model"),
+    "evaluate": ("affectray.train.evaluation", "score a classifier checkpoint on shards: macro F1, accuracy, UAR, WAR"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
 }
 

@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: shard contact sheets, loss curves."""
+"""Pictures people would rather look at than read: shard contact sheets, loss curves, confusion matrices."""
 
 from __future__ import annotations
 
@@ -61,6 +61,66 @@ def loss_curve(history: list[dict[str, Any]], out_png: str, *, key: str = "loss"
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(title or key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    storage.write_bytes(out_png, buffer.getvalue())
+    return out_png
+
+
+def confusion_matrix_png(confusion: Any, classes: list[str], out_png: str, *, title: str = "") -> str:
+    """A confusion matrix (rows = true class) as a heatmap with counts and row-normalised shading."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(confusion, dtype=np.int64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # recall per true class
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    storage.write_bytes(out_png, buffer.getvalue())
+    return out_png
+
+
+def trials_plot(trials: list[tuple[str, float, int]], out_png: str, *, metric: str, title: str = "") -> str:
+    """A sweep at a glance: each trial's best metric, in trial order, sized by epochs run (ASHA stops some early)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(trials) + 2), 3.2), dpi=120)
+    xs = np.arange(len(trials))
+    values = [v for _, v, _ in trials]
+    epochs = np.array([max(1, e) for _, _, e in trials], dtype=float)
+    ax.scatter(xs, values, s=30 + 60 * epochs / epochs.max(), c=values, cmap="viridis", zorder=3)
+    best = int(np.nanargmax(values)) if values else 0
+    ax.annotate("best", (xs[best], values[best]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    ax.set_xticks(xs, [t[:8] for t, _, _ in trials], rotation=45, ha="right", fontsize=6)
+    ax.set_xlabel("trial (marker size: epochs run)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

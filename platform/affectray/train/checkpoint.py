@@ -82,6 +82,33 @@ def open_checkpoint(uri: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def publish(directory: str | os.PathLike, uri: str) -> None:
+    """Copy a checkpoint's weights and meta (not its optimizer state) to ``uri``, replacing what is there.
+
+    A reader never sees new weights under an old meta: locally the directory is
+    swapped in by a rename; on S3 the old meta goes first and the new one is
+    written last, so a reader in between fails loudly (no meta.json) instead.
+    """
+    import shutil
+
+    directory = Path(directory)
+    if not storage.is_remote(uri):
+        target = Path(uri.removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        for name in (WEIGHTS_FILE, META_FILE):
+            shutil.copy2(directory / name, staging / name)
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    storage.remove(storage.join(uri, META_FILE))
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), (directory / WEIGHTS_FILE).read_bytes())
+    storage.write_bytes(storage.join(uri, META_FILE), (directory / META_FILE).read_bytes())
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(Path(directory, META_FILE).read_text())
 

@@ -67,6 +67,12 @@ class Task(Protocol):
     def score(self, metrics: dict[str, float]) -> float | None: ...
 
 
+# Where the loop keeps the best-scoring checkpoint of a run (tasks that define score()).
+BEST_CHECKPOINT_DIR = "best_checkpoint"
+# Every report of the run, one row each (rewritten at each checkpoint; survives resume).
+METRICS_FILE = "metrics.csv"
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at total_steps."""
     if step < warmup_steps:
@@ -115,6 +121,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         group.setdefault("lr_scale", 1.0)
         group["base_lr"] = optim_cfg.lr * group["lr_scale"]
     step, epoch, first_loss, resumed_from = 0, 0, None, 0
+    best_score = None  # the task's score() of the best checkpoint so far (higher is better)
+    history: list[dict[str, Any]] = []  # every report's scalars: <run>/metrics.csv
+    best_uri = storage.join(run_cfg.storage, run_cfg.name, BEST_CHECKPOINT_DIR)
 
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -123,6 +132,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = ckpt.load_train_state(directory)
             optimizer.load_state_dict(state["optimizer"])
             step, epoch, first_loss = int(state["step"]), int(state["epoch"]), state.get("first_loss")
+            best_score = state.get("best_score")
+            history = list(state.get("history") or [])
             epoch_done = bool(state.get("epoch_done"))
         epoch += epoch_done
         resumed_from = step
@@ -138,7 +149,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = group["base_lr"] * factor
         return optimizer.param_groups[0]["lr"]
 
+    def report(metrics: dict[str, Any], checkpoint=None) -> None:
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        if history and history[-1].get("step") == row.get("step"):
+            history[-1].update(row)  # the epoch-end evaluation of a step already reported
+        else:
+            history.append(row)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
     def save(metrics: dict[str, float], epoch_done: bool) -> None:
+        nonlocal best_score
+        score = task.score(metrics) if epoch_done and hasattr(task, "score") else None
+        is_best = score is not None and (best_score is None or score > best_score)
+        if is_best:
+            best_score = score
         meta = {
             **task.checkpoint_meta(),
             "step": step,
@@ -155,10 +179,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "epoch_done": epoch_done,
                     "first_loss": first_loss,
+                    "best_score": best_score,
+                    "history": history + [metrics],
                 }
                 ckpt.save_checkpoint(tmp, model, meta, state)
+                if is_best:
+                    # A copy outside Ray's rotation (which keeps only the latest K), without
+                    # the optimizer state: what evaluation and labeling take as it is.
+                    ckpt.publish(tmp, best_uri)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            report(metrics, checkpoint=checkpoint)
+            if rank == 0:
+                storage.write_text(storage.join(run_cfg.storage, run_cfg.name, METRICS_FILE), history_csv(history))
 
     window = _Meter()
     last_metrics: dict[str, float] = {}
@@ -195,18 +227,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save(last_metrics, epoch_done=False)
                     saved_at = step
                 else:
-                    ray.train.report(last_metrics)
+                    report(last_metrics)
             if step >= total_steps:
                 break
             waited = time.perf_counter()
-        # Every epoch ends with an evaluation (fine-tuning) and a checkpoint, unless
-        # one was just written for this very step.
-        eval_metrics = task.evaluate(model, device)
-        if eval_metrics or saved_at != step:
+        # Every epoch ends with an evaluation (fine-tuning, on rank 0 with the bare
+        # model: DDP's forward would wait for the other ranks) and a checkpoint, unless
+        # one was just written for this very step. Every rank must take the same branch.
+        evaluates = bool(getattr(task, "evaluates", False))
+        eval_metrics = task.evaluate(ckpt.unwrap(model), device) if evaluates and rank == 0 else {}
+        if evaluates or saved_at != step:
             last_metrics = {**last_metrics, **eval_metrics, "step": step, "epoch": epoch}
             save(last_metrics, epoch_done=True)
             saved_at = step
         epoch += 1
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """Reported metrics as CSV text: one row per report, the union of keys as columns."""
+    import csv
+    import io
+
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
 
 
 class _Meter:
@@ -268,8 +317,14 @@ def _maybe_fail(run_cfg: RunConfig, step: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at step {step} (run.fail_once_at_step)")
 
 
-def fit(task, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg: RunConfig, datasets: dict, total_steps: int, seed: int = 0):
-    """Run the loop on Ray Train; returns (ray.train.Result, the run's URI)."""
+def fit(
+    task, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg: RunConfig, datasets: dict, total_steps: int,
+    seed: int = 0, callbacks: list | None = None,
+):  # fmt: skip
+    """Run the loop on Ray Train; returns (ray.train.Result, the run's URI).
+
+    ``callbacks``: Ray Train user callbacks, e.g. Tune's report callback when a sweep runs the loop.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -298,6 +353,7 @@ def fit(task, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg: RunConfig
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=run_cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
     )
@@ -315,12 +371,15 @@ def checkpoint_uri(run_storage: str, checkpoint) -> str | None:
 
 
 __all__ = [
+    "BEST_CHECKPOINT_DIR",
+    "METRICS_FILE",
     "OptimConfig",
     "RunConfig",
     "Task",
     "TrainConfig",
     "checkpoint_uri",
     "fit",
+    "history_csv",
     "lr_factor",
     "param_groups",
     "train_loop_per_worker",

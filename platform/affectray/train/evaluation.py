@@ -1,0 +1,218 @@
+"""Evaluate an expression classifier on segment shards.
+
+One pass serves validation during fine-tuning and ``affectray evaluate``, so
+the two agree by construction: the same deterministic Ray Data pipeline
+(no augmentation; every labelled frame once, through a window centred on it for
+window models; one clip per segment for clip labels), the same class view and
+the same metrics (``affectray.metrics.expression_metrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from affectray.data.loaders import DataConfig
+from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, to_coarse, to_negative
+
+__all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "model_inputs", "view_targets"]
+
+# class_view -> the label set a model of that view predicts. Shards carry ABAW8 labels.
+CLASS_VIEWS: dict[str, LabelSet] = {"abaw8": ABAW8, "coarse": CFC_COARSE, "negative": CFC_NEGATIVE}
+
+
+def view_targets(abaw8_labels: Any, class_view: str) -> Any:
+    """ABAW8 targets → the class view's indices (-1 where a frame has no class in the view).
+
+    Works on numpy arrays and torch tensors alike.
+    """
+    if class_view == "abaw8":
+        return abaw8_labels
+    convert = to_coarse if class_view == "coarse" else to_negative
+    try:
+        import torch
+
+        if isinstance(abaw8_labels, torch.Tensor):
+            table = torch.as_tensor(convert(np.arange(len(ABAW8))), device=abaw8_labels.device)
+            mapped = table[abaw8_labels.clamp(min=0)]
+            return torch.where(abaw8_labels >= 0, mapped, torch.full_like(mapped, -1))
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return convert(np.asarray(abaw8_labels))
+
+
+def eval_data_config(data: DataConfig) -> DataConfig:
+    """The deterministic evaluation variant of a training data config.
+
+    Per-frame labels are scored once per labelled frame (a dense centred window
+    for clip models; ``frames`` targets are scored at the centre); clip labels
+    once per clip window of each segment.
+    """
+    label = "center" if data.label == "frames" else data.label
+    per_frame = data.mode == "clip" and label == "center"
+    return dataclasses.replace(
+        data, label=label, clips_per_segment=0 if per_frame else data.clips_per_segment, skip_unlabelled=True
+    )
+
+
+def model_inputs(inputs, data: DataConfig):
+    """Loader layout → model layout: clips [B, C, T, H, W] become windows [B, T, C, H, W]."""
+    return inputs.transpose(1, 2) if data.mode == "clip" else inputs
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # expression_metrics(...), plus the class names
+    y_true: np.ndarray  # [N] in the class view (-1 = not in the view)
+    probs: np.ndarray  # [N, C]
+    video_id: np.ndarray  # [N] str
+    frame_index: np.ndarray  # [N] centre frame
+
+
+def evaluate_model(
+    model,
+    data: DataConfig,
+    *,
+    holdout: bool,
+    class_view: str = "abaw8",
+    batch_size: int = 64,
+    device: Any = "cpu",
+    smooth_window: int = 1,
+) -> EvalResult:
+    """Predict every evaluation sample of ``data`` and score it in ``class_view``.
+
+    ``holdout`` reads the videos that ``data.val_fraction`` holds out; otherwise the
+    rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
+    consecutive predicted frames of a video first (the smoothing the label job applies).
+    """
+    import torch
+
+    from affectray.data.loaders import build_dataset, iter_eval_batches
+    from affectray.metrics import expression_metrics
+    from affectray.models.cascade import smooth_predictions
+    from affectray.models.inference import probabilities
+
+    cfg = eval_data_config(data)
+    device = torch.device(device)
+    labelset = CLASS_VIEWS[class_view]
+    was_training = model.training
+    model.eval()
+    probs, targets, ids, frames = [], [], [], []
+    with torch.inference_mode():
+        for inputs, y, meta in iter_eval_batches(
+            build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device
+        ):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                outputs = model(model_inputs(inputs, cfg))
+            probs.append(probabilities(outputs).cpu().numpy())
+            targets.append(view_targets(y, class_view).cpu().numpy())
+            ids += list(meta["video_id"])
+            frames.append(meta["frame_index"].numpy())
+    model.train(was_training)
+    if not probs:
+        raise ValueError(f"no labelled evaluation samples in {data.root!r} (split={data.split!r}, holdout={holdout})")
+    result = EvalResult(
+        metrics={},
+        y_true=np.concatenate(targets),
+        probs=np.concatenate(probs),
+        video_id=np.array(ids),
+        frame_index=np.concatenate(frames),
+    )
+    # Arrival order is the pipeline's; sort by (video, frame) for smoothing and stable output.
+    order = np.lexsort((result.frame_index, result.video_id))
+    for name in ("y_true", "probs", "video_id", "frame_index"):
+        setattr(result, name, getattr(result, name)[order])
+    scored = result.probs
+    if smooth_window > 1:
+        _, groups = np.unique(result.video_id, return_inverse=True)
+        scored = smooth_predictions(result.probs, smooth_window, groups=groups)
+    keep = result.y_true >= 0
+    metrics = expression_metrics(result.y_true[keep], scored[keep].argmax(axis=1), len(labelset))
+    result.metrics = {**metrics, "classes": list(labelset.classes), "class_view": class_view}
+    return result
+
+
+# --------------------------------------------------------------------------- affectray evaluate
+
+
+def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig, bool]:
+    """(data config, holdout) that scores ``root`` the way the checkpoint's validation did.
+
+    When ``root`` is the shard root the run validated on, the same selection (the
+    held-out videos or the split); otherwise every row of ``root``.
+    """
+    from affectray.config import config_from_dict
+    from affectray.models.inference import Preprocessing
+
+    validation = meta.get("validation") or {}
+    if validation.get("data"):
+        data = config_from_dict(DataConfig, validation["data"])
+        if data.root.rstrip("/") == root.rstrip("/"):
+            return data, bool(validation.get("holdout"))
+        return dataclasses.replace(data, root=root, split=None, val_fraction=0.0), False
+    pre = Preprocessing.from_meta(meta)
+    data = DataConfig(
+        root=root, mode="clip" if pre.mode == "clip" else "frame", num_frames=pre.num_frames,
+        frame_stride=pre.frame_stride, image_size=pre.image_size, mean=pre.mean, std=pre.std, label="center",
+    )  # fmt: skip
+    return data, False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="classifier checkpoint URI (a finetune run's best_checkpoint, or a cascade)")
+    parser.add_argument("shards", help="shard root to score (local dir or s3:// prefix)")
+    parser.add_argument("--split", help="score only rows of this split (e.g. val)")
+    parser.add_argument(
+        "--all", action="store_true", help="score every row of SHARDS, even where it is the run's own training root"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--smooth-window", type=int, default=None, help="default: the run's eval.smooth_window")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from affectray.models.inference import load_classifier
+    from affectray.runtime import init_ray
+
+    init_ray(args.address)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier = load_classifier(args.checkpoint, device=device)
+    meta = classifier.meta
+    data, holdout = checkpoint_data_config(meta, args.shards)
+    if args.split is not None or args.all:
+        data, holdout = dataclasses.replace(data, split=args.split, val_fraction=0.0), False
+    smooth = args.smooth_window or int((meta.get("validation") or {}).get("smooth_window", 1))
+    result = evaluate_model(
+        classifier.model, data, holdout=holdout, class_view=meta.get("class_view", "abaw8"),
+        batch_size=args.batch_size, device=device, smooth_window=smooth,
+    )  # fmt: skip
+    metrics = result.metrics
+    print(format_metrics(metrics))
+    return {
+        "job": "evaluate",
+        "checkpoint": args.checkpoint,
+        "model_id": classifier.model_id,
+        "shards": args.shards,
+        "selection": {"split": data.split, "holdout": holdout, "val_fraction": data.val_fraction},
+        "num_classes": len(metrics["classes"]),
+        "metrics": {k: v for k, v in metrics.items() if k != "classes"},
+    }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A readable block: the headline figures, per-class F1 and the confusion matrix."""
+    classes = metrics["classes"]
+    lines = [
+        f"samples {metrics['count']}   macro F1 {metrics['f1_macro']:.4f}   accuracy {metrics['accuracy']:.4f}   "
+        f"UAR {metrics['uar']:.4f}   WAR {metrics['war']:.4f}   ABAW2 {metrics['abaw2']:.4f}",
+        "per-class F1: " + "  ".join(f"{c} {f:.3f}" for c, f in zip(classes, metrics["per_class_f1"])),
+        "confusion (rows = true):",
+        "           " + " ".join(f"{c[:8]:>8s}" for c in classes),
+    ]
+    lines += [f"  {c[:8]:>8s} " + " ".join(f"{v:8d}" for v in row) for c, row in zip(classes, metrics["confusion"])]
+    return "\n".join(lines)

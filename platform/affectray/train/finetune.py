@@ -1,0 +1,456 @@
+"""Fine-tune an expression classifier on segment shards with Ray Train.
+
+    ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/finetune-smoke.yaml
+    affectray finetune --config jobs/configs/finetune-smoke.yaml --set model.name=cnn_gru
+
+Any registered model trains here (``affectray.models.registry``): frame
+classifiers, the CFC-SP stages (``class_view: coarse`` and ``negative``, two
+runs on the same shards, joined by ``affectray cascade``, train/cascade.py) or the whole cascade
+in one run (``model.name: cfc_cascade``), smooth predicting (``cfc_sp``),
+CNN-GRU / CNN-Transformer windows, the ESR ensemble and the MAE-DFER clip
+classifier (``video_encoder_classifier``, optionally initialised from a
+pretraining checkpoint, with layer-wise lr decay). Frame models read frames,
+window models read clips of ``data.num_frames`` frames.
+
+Every epoch ends with validation on held-out videos (or a split), scored with
+macro F1, accuracy, UAR, WAR and ABAW2; the best checkpoint by
+``eval.metric`` is kept at ``<run>/best_checkpoint``, self-describing, so
+``affectray evaluate`` and ``affectray label`` take it as it is. The run also
+gets ``metrics.csv`` (every report) and ``confusion.png`` (best checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from affectray.data.loaders import DataConfig
+from affectray.models.registry import ModelConfig
+from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
+
+logger = logging.getLogger("affectray.finetune")
+
+__all__ = [
+    "ClassifierTask",
+    "EvalConfig",
+    "FinetuneConfig",
+    "LossConfig",
+    "class_weights",
+    "run_finetune",
+]
+
+SELECTABLE_METRICS = ("f1_macro", "accuracy", "uar", "war", "abaw2")
+
+
+def _finetune_data() -> DataConfig:
+    return DataConfig(mode="frame", label="center", image_size=224, val_fraction=0.2)
+
+
+@dataclass
+class LossConfig:
+    # Class imbalance (Aff-Wild2 has ~50x more Neutral than Fear): weight each class's
+    # cross-entropy by inverse frequency, its square root (milder), or not at all.
+    class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
+    label_smoothing: float = 0.0
+    diversity_weight: float | None = None  # ESR only; None = the model's own setting
+
+
+@dataclass
+class EvalConfig:
+    # Validation data: rows of this split of data.root, or the shards at root, or
+    # (both unset) the whole videos that data.val_fraction holds out of data.root.
+    split: str | None = None
+    root: str | None = None
+    metric: Literal["f1_macro", "accuracy", "uar", "war", "abaw2"] = "f1_macro"  # picks the best checkpoint
+    batch_size: int = 64
+    smooth_window: int = 1  # >1: average predictions over this many frames of a video before scoring
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=_finetune_data)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="frame", backbone="resnet18"))
+    # abaw8: the 8 Aff-Wild2 classes; coarse / negative: one CFC-SP stage (5 / 4 classes).
+    class_view: Literal["abaw8", "coarse", "negative"] = "abaw8"
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Start from: a checkpoint of this platform (pretraining: the video encoder; a classifier:
+    # every weight whose shape fits) or a local .safetensors/.pth file; null = random init.
+    init: str | None = None
+    layer_decay: float | None = None  # layer-wise lr decay for ViT encoders (MAE-DFER uses 0.75)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, epochs=10, checkpoint_every=500))
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="finetune"))
+    sample_corpus_if_empty: bool = False  # smoke configs: build the sample shards into data.root first
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from affectray.config import ConfigError
+
+        if self.data.label == "none":
+            raise ConfigError("data.label='none' gives no targets: use center, frames or clip")
+        if self.eval.split is None and self.eval.root is None and self.data.val_fraction <= 0:
+            raise ConfigError(
+                "no validation data: set data.val_fraction > 0 (held-out videos), eval.split or eval.root"
+            )
+        if self.model.name == "cfc_cascade" and self.class_view != "abaw8":
+            raise ConfigError("model.name=cfc_cascade predicts all 8 classes: use class_view=abaw8")
+
+
+# --------------------------------------------------------------------------- model + data
+
+
+def model_description(config: FinetuneConfig) -> dict[str, Any]:
+    """The registry description of the model to train, with the view's class count."""
+    from affectray.train.evaluation import CLASS_VIEWS
+
+    kwargs = config.model.to_kwargs()
+    if config.model.name != "cfc_cascade":
+        kwargs.setdefault("num_classes", len(CLASS_VIEWS[config.class_view]))
+        if kwargs["num_classes"] != len(CLASS_VIEWS[config.class_view]):
+            from affectray.config import ConfigError
+
+            raise ConfigError(
+                f"model.num_classes={kwargs['num_classes']} but class_view={config.class_view!r} has "
+                f"{len(CLASS_VIEWS[config.class_view])} classes"
+            )
+    return {"name": config.model.name, "kwargs": kwargs}
+
+
+def check_geometry(model, data: DataConfig) -> None:
+    """Frame models read frames; window models read clips as long as their window."""
+    from affectray.config import ConfigError
+
+    kind = getattr(model, "input_kind", "frame")
+    if kind == "frame" and data.mode != "frame":
+        raise ConfigError(f"{type(model).__name__} classifies single frames: set data.mode=frame")
+    if kind == "window":
+        if data.mode != "clip":
+            raise ConfigError(f"{type(model).__name__} reads windows of frames: set data.mode=clip")
+        if data.num_frames != model.window:
+            raise ConfigError(
+                f"data.num_frames={data.num_frames} but the model's window is {model.window} frames: make them equal"
+            )
+
+
+def validation_data(config: FinetuneConfig) -> tuple[DataConfig, bool]:
+    """(data config, holdout) of the validation pass."""
+    if config.eval.root is not None:
+        return dataclasses.replace(config.data, root=config.eval.root, split=config.eval.split, val_fraction=0.0), False
+    if config.eval.split is not None:
+        return dataclasses.replace(config.data, split=config.eval.split, val_fraction=0.0), False
+    return config.data, True
+
+
+def training_data(config: FinetuneConfig) -> DataConfig:
+    """Training rows: all of data.root's selection except held-out videos (when holdout validates)."""
+    if config.eval.root is None and config.eval.split is not None:
+        return dataclasses.replace(config.data, val_fraction=0.0)
+    return config.data
+
+
+def class_weights(config: FinetuneConfig) -> list[float] | None:
+    """Per-class loss weights of the view from the training rows' label counts (label columns only)."""
+    from affectray.data.loaders import class_counts
+    from affectray.labels import ABAW8
+    from affectray.train.evaluation import CLASS_VIEWS, view_targets
+
+    if config.loss.class_weights == "none" or config.model.name == "cfc_cascade":
+        return None  # the cascade's coarse/negative split is itself its answer to imbalance
+    data = training_data(config)
+    counts8 = class_counts(dataclasses.replace(data, label="clip" if data.label == "clip" else "center"), len(ABAW8))
+    view = view_targets(np.repeat(np.arange(len(ABAW8)), counts8), config.class_view)
+    counts = np.bincount(view[view >= 0], minlength=len(CLASS_VIEWS[config.class_view])).astype(np.float64)
+    present = counts > 0
+    if not present.any():
+        return None
+    weights = np.ones_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    if config.loss.class_weights == "sqrt_inverse":
+        weights[present] = np.sqrt(weights[present])
+    weights[present] /= weights[present].mean()  # mean 1 over present classes: the lr keeps its meaning
+    return weights.round(6).tolist()
+
+
+def initialise(model, uri: str) -> None:
+    """Load starting weights into a fresh model (see FinetuneConfig.init)."""
+    from affectray import storage
+    from affectray.train import checkpoint as ckpt
+
+    is_checkpoint = storage.exists(storage.join(uri, ckpt.META_FILE))
+    if not is_checkpoint:
+        from affectray.models.backbones import load_weights
+
+        load_weights(model, uri)
+        return
+    with ckpt.open_checkpoint(uri) as directory:
+        meta = ckpt.read_meta(directory)
+        state = ckpt.load_weights(directory)
+    if meta.get("kind") == "pretrain":
+        from affectray.models.mae import load_encoder_from_pretrain
+
+        load_encoder_from_pretrain(model, state)
+        logger.info("initialised the video encoder from pretraining checkpoint %s", uri)
+        return
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    logger.info("initialised %d of %d tensors from %s (others differ in shape or name)", len(fitting), len(own), uri)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class ClassifierTask:
+    """The fine-tuning task for the shared loop (train/loop.py)."""
+
+    evaluates = True
+
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        description: dict[str, Any],
+        weights: list[float] | None,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.description = description
+        self.weights = weights
+        self.manifest = manifest or {}
+        self.last_eval: dict[str, Any] = {}
+
+    # -- model
+    def build_model(self):
+        from affectray.models.registry import create_model_from_description
+
+        model = create_model_from_description(self.description)
+        if self.config.init:
+            initialise(model, self.config.init)
+        return model
+
+    def param_groups(self, model, weight_decay: float):
+        from affectray.train.loop import param_groups
+
+        if self.config.layer_decay is not None:
+            from affectray.models.mae import param_groups_lrd
+
+            return param_groups_lrd(model, weight_decay, self.config.layer_decay)
+        return param_groups(model, weight_decay)
+
+    # -- data
+    def batches(self, shard, epoch: int, device):
+        from affectray.data.loaders import iter_train_batches
+        from affectray.train.evaluation import model_inputs, view_targets
+
+        data = self.config.data
+        for inputs, targets in iter_train_batches(shard, data, self.config.train.batch_size, epoch, device):
+            yield model_inputs(inputs, data), view_targets(targets, self.config.class_view)
+
+    def batch_size_of(self, batch) -> int:
+        return int(batch[0].shape[0])
+
+    # -- loss
+    def loss(self, model, batch):
+        import torch
+        import torch.nn.functional as F
+
+        inputs, targets = batch
+        outputs = model(inputs)
+        if self.description["name"] == "cfc_cascade":
+            from affectray.models.cascade import cascade_loss
+
+            if targets.dim() == 2:  # per-frame targets: the cascade predicts the centre frame
+                targets = targets[:, targets.shape[1] // 2]
+            return cascade_loss(outputs, targets), {}
+        weight = torch.tensor(self.weights, device=inputs.device) if self.weights else None
+        smoothing = self.config.loss.label_smoothing
+
+        def ce(logits, y):
+            # [.., C] logits, [..] targets; a batch without any target in the view adds 0, not NaN.
+            logits, y = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
+            if not (y >= 0).any():
+                return logits.sum() * 0.0
+            return F.cross_entropy(logits, y, weight=weight, ignore_index=-1, label_smoothing=smoothing)
+
+        if "branch_logits" in outputs:  # ESR: every branch learns on its own, plus the diversity term
+            from affectray.models.ensembles import diversity_loss
+
+            branches = outputs["branch_logits"]  # [N, B, C]
+            loss = ce(branches, targets.expand(branches.shape[0], -1)) * branches.shape[0]
+            w = self.config.loss.diversity_weight
+            w = model.cfg.diversity_weight if w is None else w
+            if w:
+                loss = loss + w * diversity_loss(outputs["branch_features"])
+            return loss, {}
+        logits = outputs["logits"]
+        if logits.dim() == 3 and targets.dim() == 1:  # many-to-many model, one target: its centre frame
+            logits = logits[:, logits.shape[1] // 2]
+        elif logits.dim() == 2 and targets.dim() == 2:  # one prediction, per-frame targets: the centre's
+            targets = targets[:, targets.shape[1] // 2]
+        return ce(logits, targets), {}
+
+    # -- evaluation and checkpoints
+    def evaluate(self, model, device) -> dict[str, float]:
+        from affectray.train.evaluation import evaluate_model
+
+        data, holdout = validation_data(self.config)
+        result = evaluate_model(
+            model,
+            data,
+            holdout=holdout,
+            class_view=self.config.class_view,
+            batch_size=self.config.eval.batch_size,
+            device=device,
+            smooth_window=self.config.eval.smooth_window,
+        )
+        self.last_eval = result.metrics
+        return {f"val_{k}": float(result.metrics[k]) for k in (*SELECTABLE_METRICS, "count")}
+
+    def score(self, metrics: dict[str, float]) -> float | None:
+        return metrics.get(f"val_{self.config.eval.metric}")
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        from affectray.config import config_to_dict
+        from affectray.train.evaluation import CLASS_VIEWS
+
+        data = self.config.data
+        val_data, holdout = validation_data(self.config)
+        return {
+            "kind": "classifier",
+            "model": self.description,
+            "label_set": CLASS_VIEWS[self.config.class_view].to_dict(),
+            "class_view": self.config.class_view,
+            "preprocessing": {
+                "mode": data.mode,
+                "image_size": data.image_size,
+                "num_frames": data.num_frames if data.mode == "clip" else 1,
+                "frame_stride": data.frame_stride,
+                "mean": list(data.mean),
+                "std": list(data.std),
+            },
+            # What validation read, so `affectray evaluate` can score the same frames again.
+            "validation": {
+                "data": config_to_dict(val_data),
+                "holdout": holdout,
+                "smooth_window": self.config.eval.smooth_window,
+                "metrics": self.last_eval,
+            },
+            "class_weights": self.weights,
+            "config": config_to_dict(self.config),
+            "data_manifest": {k: self.manifest.get(k) for k in ("dataset", "source", "counts", "image_size")},
+        }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def total_steps(config: FinetuneConfig) -> int:
+    from affectray.data.loaders import count_samples
+    from affectray.runtime import JobError
+
+    samples = count_samples(training_data(config), train=True)
+    per_step = config.train.batch_size * config.run.num_workers * config.optim.accumulation
+    if samples < per_step:
+        raise JobError(
+            f"{samples} training samples in {config.data.root!r} cannot fill one step of {per_step} "
+            "(batch_size x num_workers x accumulation): lower train.batch_size or ingest more data"
+        )
+    steps = (samples // per_step) * config.train.epochs
+    return min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+
+def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Fine-tune on Ray Train; returns the job summary (metrics of the best checkpoint and its URI).
+
+    ``callbacks``: Ray Train callbacks (a Tune sweep passes its report callback).
+    """
+    from affectray import storage
+    from affectray.data import shards
+    from affectray.data.loaders import build_dataset
+    from affectray.data.sample import ensure_sample_shards
+    from affectray.models.registry import create_model_from_description
+    from affectray.train import checkpoint as ckpt
+    from affectray.train.loop import BEST_CHECKPOINT_DIR, METRICS_FILE, fit
+
+    start = time.perf_counter()
+    if config.sample_corpus_if_empty:
+        ensure_sample_shards(config.data.root, image_size=config.data.image_size, seed=config.seed)
+    manifest = shards.read_manifest(config.data.root)
+    description = model_description(config)
+    probe = create_model_from_description(description)  # fails here, on the driver, for a bad model config
+    check_geometry(probe, config.data)
+    num_params = sum(p.numel() for p in probe.parameters())
+    del probe
+    weights = class_weights(config)
+    steps = total_steps(config)
+    task = ClassifierTask(config, description, weights, manifest)
+    result, run_uri = fit(
+        task,
+        config.optim,
+        config.train,
+        config.run,
+        datasets={"train": build_dataset(training_data(config), train=True)},
+        total_steps=steps,
+        seed=config.seed,
+        callbacks=callbacks,
+    )
+    best_uri = storage.join(run_uri, BEST_CHECKPOINT_DIR)
+    with ckpt.open_checkpoint(best_uri) as directory:
+        best = ckpt.read_meta(directory)
+    metrics = best["validation"]["metrics"]
+    confusion_png = storage.join(run_uri, "confusion.png")
+    from affectray.report import confusion_matrix_png
+
+    confusion_matrix_png(
+        metrics["confusion"], metrics["classes"], confusion_png,
+        title=f"{config.run.name}: step {best['step']}, {config.eval.metric} {metrics[config.eval.metric]:.3f}",
+    )  # fmt: skip
+    last = result.metrics or {}
+    return {
+        "job": "finetune",
+        "model": config.model.name,
+        "class_view": config.class_view,
+        "num_classes": len(metrics["classes"]),
+        "classes": metrics["classes"],
+        "parameters": num_params,
+        "steps": int(last.get("step", 0)),
+        "planned_steps": steps,
+        "first_loss": last.get("first_loss"),
+        "last_loss": last.get("loss"),
+        "resumed_from_step": last.get("resumed_from_step", 0),
+        "class_weights": weights,
+        "best_step": best["step"],
+        "metric": config.eval.metric,
+        "metrics": {k: v for k, v in metrics.items() if k != "classes"},
+        "checkpoint": best_uri,
+        "metrics_csv": storage.join(run_uri, METRICS_FILE),
+        "confusion_png": confusion_png,
+        "run": run_uri,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from affectray.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from affectray.config import config_from_args, print_config
+    from affectray.runtime import init_ray
+
+    config = config_from_args(FinetuneConfig, args)
+    print_config(config)
+    init_ray(args.address)
+    return run_finetune(config)

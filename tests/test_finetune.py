@@ -1,0 +1,256 @@
+"""Fine-tuning: every model family learns through the real loader, the smoke run beats chance on
+held-out identities, evaluate agrees with training, checkpoints reload bit-identically, and the
+CFC-SP stages join into one 8-class cascade.
+
+The sample corpus (drawn faces whose expression sets the label, 16 identities) is ingested
+once per module; validation holds out whole videos, so scores are on unseen identities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from affectray import storage
+from affectray.config import ConfigError, load_config
+from affectray.data.loaders import build_dataset, iter_train_batches
+from affectray.data.sample import ensure_sample_shards
+from affectray.models.inference import load_classifier
+from affectray.models.registry import ModelConfig
+from affectray.train import checkpoint as ckpt
+from affectray.train import evaluation
+from affectray.train.cascade import combine_cascade
+from affectray.train.finetune import (
+    ClassifierTask,
+    FinetuneConfig,
+    check_geometry,
+    class_weights,
+    model_description,
+    run_finetune,
+    training_data,
+)
+from tests.conftest import REPO_ROOT
+
+SMOKE = REPO_ROOT / "jobs" / "configs" / "finetune-smoke.yaml"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("finetune") / "shards")
+    assert ensure_sample_shards(root, image_size=SIZE)
+    return root
+
+
+def smoke_config(shards: str, runs: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(
+        FinetuneConfig,
+        SMOKE,
+        [f"data.root={shards}", f"run.storage={runs}", f"data.image_size={SIZE}", *overrides],
+    )
+
+
+# --------------------------------------------------------------------------- every family learns
+
+
+FAMILIES = {
+    # name: (model section, data overrides)
+    "frame": ({"name": "frame", "backbone": "test_resnet"}, {"mode": "frame"}),
+    "esr": ({"name": "esr", "backbone": "test_resnet", "extra": {"num_branches": 2, "shared_stages": 3, "diversity_weight": 0.1}}, {"mode": "frame"}),
+    "cfc_sp": ({"name": "cfc_sp", "backbone": "test_resnet", "window": 3}, {"mode": "clip", "num_frames": 3, "frame_stride": 2}),
+    "cnn_gru": ({"name": "cnn_gru", "backbone": "test_resnet", "window": 5, "extra": {"hidden_size": 32}}, {"mode": "clip", "num_frames": 5, "frame_stride": 1, "label": "frames"}),
+    "cnn_transformer": ({"name": "cnn_transformer", "backbone": "test_vit", "img_size": SIZE, "window": 5, "extra": {"embed_dim": 32, "num_heads": 2, "depth": 1}}, {"mode": "clip", "num_frames": 5, "frame_stride": 1}),
+    "video_encoder_classifier": ({"name": "video_encoder_classifier", "img_size": SIZE, "window": 4, "extra": {"backbone": "mae_dfer", "size": "tiny"}}, {"mode": "clip", "num_frames": 4, "frame_stride": 2}),
+    "cfc_cascade": ({"name": "cfc_cascade", "extra": {
+        "coarse": {"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 5}},
+        "negative": {"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 4}},
+    }}, {"mode": "frame"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_learns_a_batch_through_the_task(family, shards, tmp_path):
+    """The task's loss on real loader batches: finite, with gradients, and falling when fitted."""
+    model_section, data_overrides = FAMILIES[family]
+    config = smoke_config(shards, tmp_path)
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, **data_overrides),
+        model=ModelConfig(**model_section),
+    )
+    description = model_description(config)
+    task = ClassifierTask(config, description, class_weights(config))
+    torch.manual_seed(0)
+    model = task.build_model()
+    check_geometry(model, config.data)
+    ds = build_dataset(training_data(config), train=True)
+    inputs, targets = next(iter(task_batches(task, ds)))
+    assert inputs.shape[0] == config.train.batch_size
+    expected = (3, SIZE, SIZE) if config.data.mode == "frame" else (config.data.num_frames, 3, SIZE, SIZE)
+    assert tuple(inputs.shape[1:]) == expected
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, _ = task.loss(model, (inputs, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.7 * losses[0], f"{family}: {losses}"
+
+
+def task_batches(task: ClassifierTask, ds):
+    """What the loop's ``task.batches`` yields on a worker, read from a Dataset here."""
+    data = task.config.data
+    for inputs, targets in iter_train_batches(ds, data, task.config.train.batch_size, 0, "cpu"):
+        yield evaluation.model_inputs(inputs, data), evaluation.view_targets(targets, task.config.class_view)
+
+
+def test_config_mistakes_name_the_setting(shards, tmp_path):
+    with pytest.raises(ConfigError, match="val_fraction"):
+        smoke_config(shards, tmp_path, "data.val_fraction=0.0")
+    with pytest.raises(ConfigError, match="cfc_cascade"):
+        smoke_config(shards, tmp_path, "model.name=cfc_cascade", "class_view=coarse")
+    config = smoke_config(shards, tmp_path, "model.name=cnn_gru", "model.window=5")
+    model = task_model(config)
+    with pytest.raises(ConfigError, match="data.mode=clip"):
+        check_geometry(model, config.data)
+    with pytest.raises(ConfigError, match="num_frames"):
+        check_geometry(model, dataclasses.replace(config.data, mode="clip", num_frames=3))
+    with pytest.raises(ConfigError, match="num_classes"):
+        model_description(smoke_config(shards, tmp_path, "model.num_classes=8", "class_view=negative"))
+
+
+def task_model(config: FinetuneConfig):
+    return ClassifierTask(config, model_description(config), None).build_model()
+
+
+def test_class_weights_follow_the_views_label_counts(shards, tmp_path):
+    from affectray.data.loaders import class_counts
+    from affectray.labels import to_coarse
+
+    config = smoke_config(shards, tmp_path, "loss.class_weights=inverse", "class_view=coarse")
+    weights = np.array(class_weights(config))
+    counts8 = class_counts(dataclasses.replace(training_data(config), label="center"), 8)
+    coarse = np.bincount(to_coarse(np.repeat(np.arange(8), counts8)), minlength=5)
+    # Inverse frequency, normalised to mean 1: rarer classes weigh more, in exact proportion.
+    np.testing.assert_allclose(weights * coarse, (weights * coarse)[0], rtol=1e-4)
+    assert weights.mean() == pytest.approx(1.0, abs=1e-5)
+    assert class_weights(smoke_config(shards, tmp_path, "loss.class_weights=none")) is None
+
+
+def test_init_from_a_pretraining_checkpoint_loads_the_encoder(tmp_path):
+    from affectray.models.mae import build_pretrain_model
+
+    pretrained = build_pretrain_model("mae_dfer", "tiny", img_size=SIZE, num_frames=4)
+    ckpt.save_checkpoint(tmp_path / "pre", pretrained, {"kind": "pretrain"})
+    config = FinetuneConfig(
+        data=dataclasses.replace(FinetuneConfig().data, root="unused", mode="clip", num_frames=4, image_size=SIZE),
+        model=ModelConfig(
+            name="video_encoder_classifier", img_size=SIZE, window=4, extra={"backbone": "mae_dfer", "size": "tiny"}
+        ),
+        init=str(tmp_path / "pre"),
+        layer_decay=0.75,
+    )  # fmt: skip
+    task = ClassifierTask(config, model_description(config), None)
+    model = task.build_model()
+    source = pretrained.encoder.state_dict()
+    loaded = model.encoder.state_dict()
+    assert source.keys() == loaded.keys()
+    assert all(torch.equal(source[k], loaded[k]) for k in source)
+    # Layer-wise decay: the head trains at the full rate, the embedding at decay^(depth + 1).
+    groups = task.param_groups(model, 0.05)
+    scales = {g["lr_scale"] for g in groups}
+    assert max(scales) == 1.0 and min(scales) == pytest.approx(0.75 ** (model.num_layers + 1))
+
+
+# --------------------------------------------------------------------------- end to end on Ray Train
+
+
+@pytest.fixture(scope="module")
+def smoke_run(shards, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    return run_finetune(smoke_config(shards, runs)), runs
+
+
+def test_smoke_run_beats_chance_on_unseen_identities(smoke_run):
+    summary, runs = smoke_run
+    assert summary["num_classes"] == 8 and summary["classes"][0] == "Neutral"
+    assert summary["steps"] == summary["planned_steps"] > 0
+    assert summary["last_loss"] < summary["first_loss"]
+    # Chance macro F1 on 8 classes is 1/8; held-out videos are identities never seen in training.
+    assert summary["metrics"]["f1_macro"] > 2 / 8, summary["metrics"]
+    confusion = np.array(summary["metrics"]["confusion"])
+    assert confusion.shape == (8, 8) and confusion.sum() == summary["metrics"]["count"]
+    # The run's files: the best checkpoint, a metrics CSV with one row per report, the confusion PNG.
+    csv = storage.read_text(summary["metrics_csv"]).splitlines()
+    assert csv[0].startswith("loss,") and "val_f1_macro" in csv[0] and len(csv) > 2
+    assert storage.read_bytes(summary["confusion_png"])[:4] == b"\x89PNG"
+    best_f1 = max(float(row.split(",")[csv[0].split(",").index("val_f1_macro")] or 0) for row in csv[1:])
+    assert summary["metrics"]["f1_macro"] == pytest.approx(best_f1)
+
+
+def test_evaluate_agrees_with_the_runs_validation(smoke_run, shards):
+    summary, _ = smoke_run
+    args = argparse.Namespace(
+        checkpoint=summary["checkpoint"], shards=shards, split=None, all=False, batch_size=17,
+        smooth_window=None, address=None,
+    )  # fmt: skip
+    evaluated = evaluation.main(args)
+    assert evaluated["num_classes"] == 8
+    assert evaluated["metrics"]["confusion"] == summary["metrics"]["confusion"]
+    assert evaluated["metrics"]["f1_macro"] == pytest.approx(summary["metrics"]["f1_macro"], abs=1e-12)
+    # Scoring every row instead (training videos included) is a different, larger selection.
+    everything = evaluation.main(argparse.Namespace(**{**vars(args), "all": True}))
+    assert everything["metrics"]["count"] > evaluated["metrics"]["count"]
+
+
+def test_best_checkpoint_reloads_bit_identically(smoke_run, tmp_path):
+    summary, _ = smoke_run
+    classifier = load_classifier(summary["checkpoint"])
+    with ckpt.open_checkpoint(summary["checkpoint"]) as directory:
+        stored = load_file(str(Path(directory) / ckpt.WEIGHTS_FILE))
+    ckpt.save_checkpoint(tmp_path / "again", classifier.model, classifier.meta)
+    again = load_file(str(tmp_path / "again" / ckpt.WEIGHTS_FILE))
+    assert stored.keys() == again.keys()
+    assert all(torch.equal(stored[k], again[k]) for k in stored)
+    assert classifier.meta["kind"] == "classifier" and classifier.classes == summary["classes"]
+    faces = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    probs = classifier.predict_track(faces)
+    np.testing.assert_array_equal(probs, load_classifier(summary["checkpoint"]).predict_track(faces))
+
+
+def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
+    stages = {}
+    for view in ("coarse", "negative"):
+        config = smoke_config(
+            shards, tmp_path / "runs", f"class_view={view}", f"run.name={view}", "train.epochs=1", "train.max_steps=4"
+        )
+        stages[view] = run_finetune(config)
+        assert stages[view]["num_classes"] == {"coarse": 5, "negative": 4}[view]
+    out = str(tmp_path / "cfc")
+    joined = combine_cascade(stages["coarse"]["checkpoint"], stages["negative"]["checkpoint"], out)
+    assert joined["num_classes"] == 8
+    cascade = load_classifier(out)
+    assert cascade.meta["model"]["name"] == "cfc_cascade" and cascade.classes[1] == "Anger"
+    faces = np.random.default_rng(1).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    probs = cascade.predict_track(faces)
+    assert probs.shape == (6, 8) and (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # Fusion: the four negative classes share the coarse stage's Negative mass.
+    coarse = load_classifier(stages["coarse"]["checkpoint"]).predict_track(faces)
+    np.testing.assert_allclose(probs[:, [1, 2, 3, 5]].sum(axis=1), coarse[:, 4], atol=1e-5)
+    # The joined checkpoint evaluates as one 8-class model on the stages' validation videos.
+    evaluated = evaluation.main(
+        argparse.Namespace(checkpoint=out, shards=shards, split=None, all=False, batch_size=64, smooth_window=None, address=None)
+    )
+    assert evaluated["num_classes"] == 8 and np.array(evaluated["metrics"]["confusion"]).shape == (8, 8)
+    with pytest.raises(ckpt.CheckpointError, match="negative-view"):
+        combine_cascade(stages["coarse"]["checkpoint"], stages["coarse"]["checkpoint"], str(tmp_path / "bad"))
