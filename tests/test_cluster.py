@@ -45,6 +45,7 @@ RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 APP_DIR = "/home/ray/affectray/"  # where cluster/Dockerfile puts the repo inside the image
 RAY = REPO_ROOT / ".venv" / "bin" / "ray"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CREDENTIAL_NAMES = re.compile(r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret|RAY_AUTH_TOKEN\s*[:=]\s*\S")
 
 
@@ -410,7 +411,10 @@ def submit(cluster: TwoNodeCluster, *command: str, timeout: float = 600) -> dict
     except subprocess.TimeoutExpired:
         _ray("job", "stop", "--address", cluster.address, submission_id, env=cluster.env)
         raise
-    summaries = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"job"' in line]
+    # The job log interleaves the driver's stdout and stderr: a progress bar's cursor codes
+    # may sit on the summary's line, in front of it.
+    lines = [ANSI_ESCAPE.sub("", line) for line in out.splitlines()]
+    summaries = [json.loads(line[line.index("{") :]) for line in lines if '{"' in line and '"job": "' in line]
     assert summaries, f"no JSON summary in the job's output:\n{out[-4000:]}"
     return summaries[-1]
 
@@ -456,13 +460,17 @@ def test_label_job_labels_videos_on_both_nodes(two_node_cluster):
     finetune = submit(
         two_node_cluster,
         "jobs/finetune.py", "--config", "jobs/configs/finetune-smoke.yaml",
-        "--set", f"data.root={root}/shards/frames", "--set", f"run.storage={root}/runs", "--set", "train.epochs=1",
+        # The pretrain test's sample shards (32 px; built here when this test runs alone).
+        "--set", f"data.root={root}/shards/sample", "--set", "data.image_size=32",
+        "--set", f"run.storage={root}/runs", "--set", "train.epochs=1",
     )
     videos = f"{root}/videos"
     for i in range(4):
         storage.write_bytes(storage.join(videos, f"clip{i}.mp4"), REAL_VIDEO.read_bytes())
     out = f"{root}/labels"
-    summary = submit(two_node_cluster, "jobs/label_videos.py", videos, out, "--checkpoint", finetune["checkpoint"])
+    summary = submit(
+        two_node_cluster, "jobs/label_videos.py", videos, out, "--checkpoint", finetune["checkpoint"], "--detect-max-side", "320"
+    )
     assert summary["job"] == "label" and summary["ok"] == 4
     assert "nodes" in summary, "the label summary must name the nodes its Ray Data work ran on"
     assert set(summary["nodes"]) == two_node_cluster.nodes, "the job's own report: labeling work on each node"
