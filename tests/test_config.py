@@ -307,3 +307,15 @@ def test_s3_config_round_trip_and_missing_key(s3_bucket):
     assert load_config(JobCfg, uri) == cfg
     with pytest.raises(ConfigError, match=r"cannot read config file .*configs/missing\.yaml"):
         load_config(JobCfg, f"{s3_bucket}/configs/missing.yaml")
+
+
+def test_yaml_yes_and_no_reach_a_string_choice_as_words():
+    """`--set run.use_gpu=yes`: YAML 1.1 reads yes as true; a Literal of words takes it back."""
+    @dataclass
+    class Gpu:
+        use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+    assert config_from_dict(Gpu, {}, ["use_gpu=yes"]).use_gpu == "yes"
+    assert config_from_dict(Gpu, {"use_gpu": False}).use_gpu == "no"
+    with pytest.raises(ConfigError, match="use_gpu"):
+        config_from_dict(Gpu, {"use_gpu": 1})

@@ -45,6 +45,9 @@ __all__ = [
 T = TypeVar("T")
 
 
+_YAML_BOOL_WORDS = {True: ("yes", "true", "on", "y"), False: ("no", "false", "off", "n")}
+
+
 class ConfigError(ValueError):
     """A config that does not fit its dataclasses: unknown key, wrong type, missing value."""
 
@@ -225,6 +228,11 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         for choice in args:
             if value == choice and type(value) is type(choice):
                 return value
+        # YAML 1.1 reads a bare yes/no/on/off as a boolean: give it back as the word it was.
+        if isinstance(value, bool):
+            for choice in args:
+                if isinstance(choice, str) and choice.lower() in _YAML_BOOL_WORDS[value]:
+                    return choice
         choices = ", ".join(repr(c) for c in args)
         raise ConfigError(f"{key}: expected one of {choices}, {_got(value)}")
     if origin in (list, Sequence) or tp in (list, Sequence):

@@ -66,7 +66,9 @@ def run_job(main: Callable[[Any], dict[str, Any]], args: Any) -> int:
 def emit_summary(summary: dict[str, Any]) -> None:
     """Print the job's one-line JSON summary; by contract it is the last line on stdout."""
     sys.stdout.flush()
-    sys.stderr.flush()
+    # A progress bar may have left stderr mid-line (carriage returns, cursor codes); where
+    # both streams reach one log (ray job logs), end that line so the summary has its own.
+    print(file=sys.stderr, flush=True)
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
 
 
