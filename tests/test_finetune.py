@@ -254,3 +254,39 @@ def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
     assert evaluated["num_classes"] == 8 and np.array(evaluated["metrics"]["confusion"]).shape == (8, 8)
     with pytest.raises(ckpt.CheckpointError, match="negative-view"):
         combine_cascade(stages["coarse"]["checkpoint"], stages["coarse"]["checkpoint"], str(tmp_path / "bad"))
+
+
+def test_members_join_into_a_weighted_ensemble_checkpoint(tmp_path):
+    """ABAW2021: a frame CNN and a CNN-GRU trained apart, labelled as one model."""
+    from affectray.labels import ABAW8
+    from affectray.models.registry import create_model
+    from affectray.train.ensemble import combine_ensemble
+
+    def member(name: str, model, mode: str, num_frames: int) -> str:
+        meta = {
+            "kind": "classifier", "model": model.describe(), "label_set": ABAW8.to_dict(), "class_view": "abaw8",
+            "preprocessing": {"mode": mode, "image_size": SIZE, "num_frames": num_frames, "frame_stride": 2,
+                              "mean": [0.5] * 3, "std": [0.25] * 3},
+        }  # fmt: skip
+        ckpt.save_checkpoint(tmp_path / name, model, meta)
+        return str(tmp_path / name)
+
+    torch.manual_seed(0)
+    cnn = member("cnn", create_model("frame", backbone="test_resnet", num_classes=8), "frame", 1)
+    gru = member("gru", create_model("cnn_gru", backbone="test_resnet", window=3, hidden_size=16), "clip", 3)
+    summary = combine_ensemble([cnn, gru], str(tmp_path / "ensemble"), weights=[1.0, 3.0])
+    assert summary["num_classes"] == 8
+    ensemble = load_classifier(str(tmp_path / "ensemble"))
+    assert ensemble.preprocessing.mode == "clip" and ensemble.preprocessing.num_frames == 3
+    faces = np.random.default_rng(2).integers(0, 256, (7, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = 0.25 * load_classifier(cnn).predict_track(faces) + 0.75 * load_classifier(gru).predict_track(faces)
+    np.testing.assert_allclose(ensemble.predict_track(faces), expected, atol=1e-5)
+    with pytest.raises(ckpt.CheckpointError, match="label sets"):
+        coarse = create_model("frame", backbone="test_resnet", num_classes=5)
+        ckpt.save_checkpoint(tmp_path / "coarse", coarse, {
+            "kind": "classifier", "model": coarse.describe(), "class_view": "coarse",
+            "label_set": {"name": "cfc_coarse", "classes": ["Neutral", "Happiness", "Surprise", "Other", "Negative"]},
+            "preprocessing": {"mode": "frame", "image_size": SIZE, "num_frames": 1, "frame_stride": 1,
+                              "mean": [0.5] * 3, "std": [0.25] * 3},
+        })  # fmt: skip
+        combine_ensemble([cnn, str(tmp_path / "coarse")], str(tmp_path / "bad"))

@@ -19,8 +19,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("affectray.train.pretrain", "pretrain VideoMAE / MAE-DFER on segment shards with Ray Train"),
     "finetune": ("affectray.train.finetune", "fine-tune an expression classifier (CFC-SP, CNN-GRU, ESR, MAE-DFER, ...)"),
     "cascade": ("affectray.train.cascade", "join coarse and negative CFC-SP checkpoints into one 8-class model"),
+    "ensemble": ("affectray.train.ensemble", "join fine-tuned classifiers into one weighted ensemble (ABAW2021)"),
     "evaluate": ("affectray.train.evaluation", "score a classifier checkpoint on shards: macro F1, accuracy, UAR, WAR"),
-    "label": ("affectray.label.job", "label whole video corpora with a classifier checkpoint (one Parquet per video)"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
 }
 

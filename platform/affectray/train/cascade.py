@@ -16,57 +16,99 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["combine_cascade"]
+__all__ = ["combine_cascade", "joint_preprocessing", "load_member", "write_composite"]
+
+
+def load_member(uri: str, *, class_view: str | None = None):
+    """(model with its trained weights, meta) of a classifier checkpoint to join into a composite."""
+    from affectray.models.registry import create_model_from_description
+    from affectray.train import checkpoint as ckpt
+
+    with ckpt.open_checkpoint(uri) as directory:
+        meta = ckpt.read_meta(directory)
+        if meta.get("kind") != "classifier" or (class_view and meta.get("class_view") != class_view):
+            view = f"{class_view}-view " if class_view else ""
+            raise ckpt.CheckpointError(f"{uri!r} is not a {view}classifier (class_view={meta.get('class_view')!r})")
+        model = create_model_from_description(meta["model"])
+        model.load_state_dict(ckpt.load_weights(directory))
+    return model, meta
+
+
+def joint_preprocessing(metas: list[dict[str, Any]], window: int) -> dict[str, Any]:
+    """One preprocessing for members that must agree on pixels; clips take the longest window.
+
+    A composite hands each member the centre frame or its own centred sub-window
+    (``centred_input``), so frame and window members combine when their image size,
+    normalisation and (for windows) frame stride agree.
+    """
+    from affectray.train import checkpoint as ckpt
+
+    pres = [m["preprocessing"] for m in metas]
+    for key in ("image_size", "mean", "std"):
+        values = [p[key] for p in pres]
+        if any(v != values[0] for v in values):
+            raise ckpt.CheckpointError(f"the members differ in preprocessing {key}: {values}")
+    strides = {p["frame_stride"] for p in pres if p["mode"] == "clip"}
+    if len(strides) > 1:
+        raise ckpt.CheckpointError(f"the members' windows use different frame strides: {sorted(strides)}")
+    joint = dict(pres[0])
+    if strides:
+        joint.update(mode="clip", num_frames=window, frame_stride=strides.pop())
+    return joint
+
+
+def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri: str, *, job: str) -> dict[str, Any]:
+    """Save a composite of trained members as a self-describing 8-class-or-whatever checkpoint."""
+    import dataclasses
+    import tempfile
+
+    from affectray.config import config_from_dict, config_to_dict
+    from affectray.data.loaders import DataConfig
+    from affectray.train import checkpoint as ckpt
+
+    preprocessing = joint_preprocessing(metas, getattr(model, "window", 1))
+    validation = dict(metas[0].get("validation") or {})
+    if validation.get("data"):  # evaluate reads what the composite takes: frames or its window
+        data = config_from_dict(DataConfig, validation["data"])
+        data = dataclasses.replace(
+            data, mode=preprocessing["mode"], num_frames=preprocessing["num_frames"],
+            frame_stride=preprocessing["frame_stride"],
+        )  # fmt: skip
+        validation["data"] = config_to_dict(data)
+    validation["metrics"] = {}
+    label_set = metas[-1]["label_set"] if job == "ensemble" else None
+    meta = {
+        "kind": "classifier",
+        "model": model.describe(),
+        "label_set": label_set or _abaw8(),
+        "class_view": metas[0].get("class_view", "abaw8") if job == "ensemble" else "abaw8",
+        "preprocessing": preprocessing,
+        "validation": validation,
+        "members": [{"uri": u, "metrics": m.get("validation", {}).get("metrics")} for u, m in zip(uris, metas)],
+        "step": 0,
+        "git_revision": ckpt.git_revision(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save_checkpoint(tmp, model, meta)
+        ckpt.publish(tmp, out_uri)
+    return {"job": job, "checkpoint": out_uri, "num_classes": len(meta["label_set"]["classes"]),
+            "classes": meta["label_set"]["classes"]}  # fmt: skip
+
+
+def _abaw8() -> dict[str, Any]:
+    from affectray.labels import ABAW8
+
+    return ABAW8.to_dict()
 
 
 def combine_cascade(coarse_uri: str, negative_uri: str, out_uri: str) -> dict[str, Any]:
     """Join a coarse-view and a negative-view checkpoint into one 8-class CFC cascade checkpoint."""
-    import tempfile
-
     from affectray.models.cascade import CascadeClassifier
-    from affectray.models.registry import create_model_from_description
-    from affectray.train import checkpoint as ckpt
 
-    stages, metas = {}, {}
-    for stage, uri in (("coarse", coarse_uri), ("negative", negative_uri)):
-        with ckpt.open_checkpoint(uri) as directory:
-            meta = ckpt.read_meta(directory)
-            if meta.get("kind") != "classifier" or meta.get("class_view") != stage:
-                raise ckpt.CheckpointError(
-                    f"{uri!r} is not a {stage}-view classifier (class_view={meta.get('class_view')!r})"
-                )
-            model = create_model_from_description(meta["model"])
-            model.load_state_dict(ckpt.load_weights(directory))
-        stages[stage], metas[stage] = model, meta
-    pre = {s: metas[s]["preprocessing"] for s in stages}
-    for key in ("image_size", "mean", "std"):
-        if pre["coarse"][key] != pre["negative"][key]:
-            raise ckpt.CheckpointError(f"the stages differ in preprocessing {key}: {pre['coarse'][key]} vs {pre['negative'][key]}")
-    clip = [p for p in pre.values() if p["mode"] == "clip"]
-    if len({p["frame_stride"] for p in clip}) > 1:
-        raise ckpt.CheckpointError("the stages' windows use different frame strides")
-    cascade = CascadeClassifier(stages["coarse"], stages["negative"])
-    preprocessing = dict(pre["coarse"])
-    if clip:  # the cascade takes the longer window and hands each stage its centred part
-        preprocessing.update(mode="clip", num_frames=cascade.window, frame_stride=clip[0]["frame_stride"])
-    from affectray.labels import ABAW8
-
-    meta = {
-        "kind": "classifier",
-        "model": cascade.describe(),
-        "label_set": ABAW8.to_dict(),
-        "class_view": "abaw8",
-        "preprocessing": preprocessing,
-        "validation": {**metas["coarse"].get("validation", {}), "metrics": {}},
-        "stages": {s: {"uri": u, "metrics": metas[s].get("validation", {}).get("metrics")} for s, u in
-                   (("coarse", coarse_uri), ("negative", negative_uri))},
-        "step": 0,
-        "git_revision": ckpt.git_revision(),
-    }  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save_checkpoint(tmp, cascade, meta)
-        ckpt.publish(tmp, out_uri)
-    return {"job": "cascade", "checkpoint": out_uri, "num_classes": len(ABAW8), "classes": list(ABAW8.classes)}
+    coarse, coarse_meta = load_member(coarse_uri, class_view="coarse")
+    negative, negative_meta = load_member(negative_uri, class_view="negative")
+    cascade = CascadeClassifier(coarse, negative)
+    return write_composite(cascade, [coarse_meta, negative_meta], [coarse_uri, negative_uri], out_uri, job="cascade")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
