@@ -3,7 +3,8 @@
 Writes the sample corpus, ingests its aligned-frame folders (with EXPR labels) and its
 real-face videos (MTCNN detection, alignment, tracking) into shards, pretrains a tiny
 VideoMAE on the shards, fine-tunes an 8-class expression classifier validated on
-held-out identities, and prints where every output is. Minutes on a laptop CPU.
+held-out identities, labels the sample videos with it (one Parquet per video, timelines,
+an HTML report), and prints where every output is. Minutes on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     init_ray()
     outputs: dict[str, Any] = {}
 
-    _step("1/5 sample corpus: drawn faces with EXPR labels + real-face videos")
+    _step("1/6 sample corpus: drawn faces with EXPR labels + real-face videos")
     corpus = out / "sample-corpus"
     if not (corpus / "synth.json").exists():
         write_sample_corpus(corpus, SynthConfig(seed=0, num_videos=SAMPLE_VIDEOS))
     outputs["corpus"] = str(corpus)
 
-    _step("2/5 ingest aligned-frame folders (Aff-Wild2 layout) with annotations")
+    _step("2/6 ingest aligned-frame folders (Aff-Wild2 layout) with annotations")
     frames_root = str(out / "shards" / "sample")
     outputs["ingest_frames"] = run_ingest(
         IngestConfig(
@@ -65,14 +66,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     outputs["faces_png"] = shard_contact_sheet(frames_root, str(out / "shards" / "sample-faces.png"))
 
-    _step("3/5 ingest real-face videos: PyAV decode, MTCNN, 5-point alignment, tracks")
+    _step("3/6 ingest real-face videos: PyAV decode, MTCNN, 5-point alignment, tracks")
     videos_root = str(out / "shards" / "videos")
     outputs["ingest_videos"] = run_ingest(
         IngestConfig(source=str(corpus / "videos"), out=videos_root, dataset="sample-videos", image_size=112)
     )
     outputs["video_faces_png"] = shard_contact_sheet(videos_root, str(out / "shards" / "video-faces.png"), faces=16)
 
-    _step("4/5 pretrain a tiny VideoMAE on the shards (Ray Data → Ray Train)")
+    _step("4/6 pretrain a tiny VideoMAE on the shards (Ray Data → Ray Train)")
     config = load_config(
         PretrainConfig,
         REPO_ROOT / "jobs" / "configs" / "pretrain-smoke.yaml",
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if history:
         outputs["pretrain_loss_png"] = loss_curve(history, str(out / "runs" / "pretrain-loss.png"), title="VideoMAE tiny")
 
-    _step("5/5 fine-tune an 8-class expression classifier, validated on held-out identities")
+    _step("5/6 fine-tune an 8-class expression classifier, validated on held-out identities")
     from affectray.train.finetune import FinetuneConfig, run_finetune
 
     finetune_config = load_config(
@@ -96,6 +97,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  held-out macro F1 {metrics['f1_macro']:.3f} (chance 0.125), accuracy {metrics['accuracy']:.3f}")
     outputs["confusion_png"] = outputs["finetune"]["confusion_png"]
 
+    _step("6/6 label the sample videos with the fine-tuned checkpoint (per frame, per face)")
+    from affectray.label.job import LabelConfig, run_label
+
+    outputs["label"] = run_label(
+        LabelConfig(
+            videos=str(corpus / "videos"),
+            out=str(out / "labels"),
+            checkpoint=outputs["finetune"]["checkpoint"],
+            detect_max_side=320,
+        )
+    )
+    outputs["label_report"] = outputs["label"]["report"]
+
     _step("outputs")
     for name, value in outputs.items():
         where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint")
@@ -106,6 +120,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "finetune": {
             "f1_macro": metrics["f1_macro"], "accuracy": metrics["accuracy"], "checkpoint": outputs["finetune"]["checkpoint"]
         },
+        "label": {k: outputs["label"][k] for k in ("videos", "ok", "failed", "frames", "frames_per_second")},
     }  # fmt: skip
 
 
