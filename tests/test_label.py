@@ -226,6 +226,24 @@ def test_label_table_has_a_row_per_frame_and_face():
     assert table.schema.equals(outputs.label_schema(ABAW8.classes), check_metadata=False)
 
 
+def test_following_faces_between_key_frames_finds_the_faces_detection_finds(real_video):
+    """--detect-every 4: MTCNN's last two stages follow the face; same face, a pixel or two apart."""
+    from affectray.data.faces import FaceDetector, detect_and_align
+    from affectray.data.tracking import box_iou
+    from affectray.data.video import iter_frames
+
+    frames = next(iter(iter_frames(real_video, batch_size=16))).images
+    detector = FaceDetector()
+    every = detect_and_align(detector, frames, SIZE, 640)
+    followed = detect_and_align(detector, frames, SIZE, 640, detect_every=4)
+    for k, ((faces, crops), (found, aligned)) in enumerate(zip(every, followed)):
+        assert len(faces) == len(found) == len(aligned) == 1, k
+        assert box_iou(faces[0].box[None], found[0].box[None])[0, 0] > 0.8
+        assert np.abs(faces[0].landmarks - found[0].landmarks).max() < (1e-3 if k % 4 == 0 else 6)  # key frames: same
+        assert found[0].score >= 0.9
+    assert detector.follow(frames[0], []) == []
+
+
 # ---------------------------------------------------------------------------
 # End to end on a real local Ray
 # ---------------------------------------------------------------------------
@@ -265,6 +283,7 @@ def test_corpus_on_s3_every_frame_a_row_bad_inputs_reported(ray_session, s3_buck
     assert (summary["ok"], summary["partial"], summary["failed"]) == (4, 1, 4)
     model_id = load_classifier(checkpoint).model_id
     assert summary["model_id"] == model_id
+    assert summary["nodes"] == [ray_session.get_runtime_context().get_node_id()]
 
     # videos.parquet, read back with pandas (through s3fs) and fastparquet, straight from S3.
     videos = read_parquet(summary["videos_parquet"]).set_index("name")

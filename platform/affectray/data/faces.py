@@ -138,6 +138,55 @@ class FaceDetector:
                 results[i] = self._detections(boxes[j], probs[j], points[j], scales[i])
         return results
 
+    def follow(self, image: np.ndarray, faces: Sequence[Detection], *, scale: float = 1.0) -> list[Detection]:
+        """The given faces (e.g. the previous frame's) found again in ``image`` by MTCNN's last two stages.
+
+        R-net and O-net run on the square around each face's box, as MTCNN runs them
+        on P-net's candidates, and regress the box and landmarks onto the face in this
+        image; a face they no longer see (score under the stage thresholds or
+        ``min_score``) is dropped, faces that converge are merged. This skips P-net's
+        image pyramid, most of MTCNN's cost, so a video can run full detection on
+        key frames only and follow faces in between. ``scale`` as in :meth:`detect`.
+        """
+        import torch
+        from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
+        from torchvision.ops import nms
+
+        if not faces:
+            return []
+        h, w = image.shape[:2]
+        pixels = torch.as_tensor(np.ascontiguousarray(image), device=self.device).permute(2, 0, 1)[None].float()
+        rows = [[*(np.asarray(f.box, np.float32) * scale), f.score] for f in faces]
+        boxes = torch.tensor(rows, dtype=torch.float32, device=self.device)  # [N, 5] x1, y1, x2, y2, score
+        stages = [(self.mtcnn.rnet, 24, self.mtcnn.thresholds[1]), (self.mtcnn.onet, 48, self.mtcnn.thresholds[2])]
+        with torch.no_grad():
+            for net, side, threshold in stages:
+                boxes = rerec(boxes)  # squares, as each stage's input is in MTCNN
+                y, ey, x, ex = pad(boxes, w, h)  # 1-based pixel bounds, clipped to the image
+                inside = (ey > y - 1) & (ex > x - 1)
+                if not inside.any():
+                    return []
+                boxes, y, ey, x, ex = boxes[torch.as_tensor(inside)], y[inside], ey[inside], x[inside], ex[inside]
+                crops = [imresample(pixels[:, :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (side, side)) for k in range(len(y))]
+                out = net((torch.cat(crops) - 127.5) * 0.0078125)
+                reg, prob = out[0], out[-1][:, 1]  # [N, 4] box regression, [N] face probability
+                keep = prob > threshold
+                boxes, reg = torch.cat([boxes[keep, :4], prob[keep, None]], dim=1), reg[keep]
+                if not len(boxes):
+                    return []
+                if net is self.mtcnn.onet:  # landmarks, relative to the input box: 5 x, then 5 y
+                    marks = out[1][keep]
+                    width = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+                    height = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+                    points = torch.stack(
+                        [width * marks[:, :5] + boxes[:, :1] - 1, height * marks[:, 5:] + boxes[:, 1:2] - 1], dim=2
+                    )  # [N, 5, 2]
+                boxes = bbreg(boxes, reg)
+            pick = nms(boxes[:, :4], boxes[:, 4], 0.7)  # faces that converged onto one
+        boxes, points = boxes[pick].cpu().numpy(), points[pick].cpu().numpy()
+        found = self._detections(boxes[:, :4], boxes[:, 4], points, scale)
+        return sorted(found, key=lambda d: -d.score)
+
     def _detections(self, boxes, probs, points, scale: float) -> list[Detection]:
         # facenet-pytorch returns None (or an object array holding None) for an image
         # without faces, and object arrays otherwise; numpy 2 refuses arithmetic on either.
@@ -182,15 +231,29 @@ def detect_and_align(
     image_size: int,
     detect_max_side: int,
     margin: float = DEFAULT_MARGIN,
+    detect_every: int = 1,
 ) -> list[tuple[list[Detection], np.ndarray]]:
     """Detect on downscaled copies of same-sized frames, align from the frames themselves.
 
     Returns, per image, its faces (in the image's coordinates, most probable first)
     and their aligned crops [N, image_size, image_size, 3] (N may be 0). Ingest and
     labeling share this, so both see the same faces and the same crops.
+
+    Args:
+        detect_every: for consecutive video frames: full detection on every k-th frame
+            (the first included), :meth:`FaceDetector.follow` on the frames between,
+            so a face that enters the picture is found up to k - 1 frames late.
+            1 (default) detects on every frame.
     """
     small, factor = downscale(images, detect_max_side)
-    found = detector.detect(small, scale=factor)
+    keys = list(range(0, len(small), max(1, detect_every)))
+    found: list[list[Detection]] = [[] for _ in small]
+    for i, faces in zip(keys, detector.detect([small[i] for i in keys], scale=factor)):
+        found[i] = faces
+    key_set = set(keys)
+    for i in range(1, len(small)):
+        if i not in key_set:
+            found[i] = detector.follow(small[i], found[i - 1], scale=factor)
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
     return [
         (faces, align_faces(image, np.stack([d.landmarks for d in faces]), image_size, margin) if faces else empty)

@@ -195,7 +195,8 @@ def _list_manifest(manifest: str) -> InputListing:
             continue
         canonical = canonical_uri(uri)
         if canonical in seen:
-            refused.append({"input": entry, "reason": f"line {number} of {manifest}: listed twice (first on line {seen[canonical]})"})
+            reason = f"line {number} of {manifest}: listed twice (first on line {seen[canonical]})"
+            refused.append({"input": entry, "reason": reason})
             continue
         seen[canonical] = number
         videos.append(VideoInput(video_key(uri), uri, name))
@@ -233,7 +234,7 @@ def _manifest_entries(manifest: str) -> list[tuple[int, str]]:
             return []
         column = _uri_column([c.strip() for c in rows[0]], manifest)
         index = [c.strip() for c in rows[0]].index(column)
-        return [(n + 2, row[index].strip()) for n, row in enumerate(rows[1:]) if len(row) > index and row[index].strip()]
+        return [(n, row[index].strip()) for n, row in enumerate(rows[1:], start=2) if len(row) > index and row[index].strip()]
     return [
         (n, line.strip())
         for n, line in enumerate(text.splitlines(), start=1)

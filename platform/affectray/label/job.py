@@ -38,7 +38,15 @@ from affectray.config import ConfigError
 from affectray.label import outputs
 from affectray.data.sources import unit_key
 from affectray.label.inputs import InputListing, VideoInput, list_inputs
-from affectray.label.pipeline import END, ClassifyFaces, DetectFaces, Finisher, StageSettings, VideoAssembler, decode_videos
+from affectray.label.pipeline import (
+    END,
+    ClassifyFaces,
+    DetectFaces,
+    Finisher,
+    StageSettings,
+    VideoAssembler,
+    decode_videos,
+)
 from affectray.runtime import JobError
 
 __all__ = ["LabelConfig", "add_arguments", "config_from_args", "main", "run_label"]
@@ -56,6 +64,7 @@ class LabelConfig:
     chunk_frames: int = 16  # frames per chunk: the unit of work between stages
     detect_max_side: int = 640  # frames are downscaled to this for MTCNN; 320 is ~2.5x faster, misses faces < ~40 px
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from frames of this size
+    detect_every: int = 1  # full MTCNN on every k-th frame, faces followed by R-net + O-net between (k-1 frames late)
     min_face_score: float = 0.9
     min_face_size: int = 20
     smooth_window: int = 9  # frames, odd; 1 turns smoothing off
@@ -76,14 +85,16 @@ class LabelConfig:
             raise ConfigError(f"smooth_window must be a positive odd number of frames, got {self.smooth_window}")
         if self.smooth_method not in ("mean", "majority"):
             raise ConfigError(f"smooth_method must be 'mean' or 'majority', got {self.smooth_method!r}")
-        if min(self.batch_size, self.chunk_frames, self.detect_max_side, self.decode_max_side) < 1:
-            raise ConfigError("batch_size, chunk_frames, detect_max_side and decode_max_side must be positive")
+        if min(self.batch_size, self.chunk_frames, self.detect_max_side, self.decode_max_side, self.detect_every) < 1:
+            raise ConfigError(
+                "batch_size, chunk_frames, detect_max_side, decode_max_side and detect_every must be positive"
+            )
         if not 0 < self.gpu_fraction <= 1:
             raise ConfigError(f"gpu_fraction must be in (0, 1], got {self.gpu_fraction}")
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that change what is written: a re-run into the same OUT must keep them."""
-        keys = ("layout", "detect_max_side", "decode_max_side", "min_face_score", "min_face_size",
+        keys = ("layout", "detect_max_side", "decode_max_side", "detect_every", "min_face_score", "min_face_size",
                 "smooth_window", "smooth_method", "frames_fps")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
@@ -109,6 +120,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         halo=halo,
         decode_max_side=config.decode_max_side,
         detect_max_side=config.detect_max_side,
+        detect_every=config.detect_every,
         min_face_score=config.min_face_score,
         min_face_size=config.min_face_size,
         frames_fps=config.frames_fps,
@@ -129,8 +141,10 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     all_outcomes = _outcomes(config.out, listing)
     frames = sum(int(o.get("frames") or 0) for o in new)
     stage_seconds: Counter = Counter()
+    stage_cpu: Counter = Counter()
     for o in new:
         stage_seconds.update(o.get("seconds") or {})
+        stage_cpu.update(o.get("cpu_seconds") or {})
     run = {
         "videos": len(new),
         "skipped": len(finished),
@@ -138,6 +152,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         "seconds": run_seconds,
         "frames_per_second": frames / run_seconds if run_seconds > 0 else 0.0,
         "stage_seconds": {k: stage_seconds[k] for k in ("decode", "detect", "classify", "write") if k in stage_seconds},
+        "stage_cpu_seconds": {k: stage_cpu[k] for k in ("decode", "detect", "classify", "write") if k in stage_cpu},
     }
     videos_uri = storage.join(config.out, outputs.VIDEOS_FILE)
     report_uri = storage.join(config.out, outputs.REPORT_FILE)
@@ -165,6 +180,8 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         "faces": sum(int(o.get("faces") or 0) for o in new),
         "frames_per_second": round(run["frames_per_second"], 2),
         "stage_seconds": {k: round(v, 2) for k, v in run["stage_seconds"].items()},
+        "stage_cpu_seconds": {k: round(v, 2) for k, v in run["stage_cpu_seconds"].items()},
+        "nodes": sorted({node for o in new for node in o.get("nodes") or []}),  # where this run's work ran
         "videos_parquet": videos_uri,
         "report": report_uri,
         "seconds": round(time.perf_counter() - start, 2),
@@ -304,7 +321,9 @@ def _consume(
 def _check_job(config: LabelConfig, model_id: str, classes: tuple[str, ...]) -> None:
     """Refuse to mix two models or two settings in one OUT, unless --overwrite; record them on first use."""
     uri = storage.join(config.out, outputs.JOB_FILE)
-    record = {"checkpoint": config.checkpoint, "model_id": model_id, "classes": list(classes), **config.output_settings()}
+    record = {
+        "checkpoint": config.checkpoint, "model_id": model_id, "classes": list(classes), **config.output_settings()
+    }  # fmt: skip
     if storage.exists(uri) and not config.overwrite:
         before = storage.read_json(uri)
         changed = sorted(k for k in record if k != "checkpoint" and before.get(k) != record[k])
@@ -370,29 +389,33 @@ def _outcomes(out: str, listing: InputListing) -> list[dict[str, Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("videos", help="local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video")
-    parser.add_argument("out", help="output root: a local dir or s3:// prefix")
-    parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (local dir or s3://), as finetune writes it")
-    parser.add_argument("--layout", choices=("videos", "aligned-frames"), default="videos",
-                        help="videos (default), or folders of aligned face frames labelled without detection")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=64, help="faces per classifier forward pass (default 64)")
-    parser.add_argument("--chunk-frames", type=int, default=16, help="frames per unit of work between stages (default 16)")
-    parser.add_argument("--detect-max-side", type=int, default=640,
-                        help="frames are downscaled to this for MTCNN (default 640; 320 is ~2.5x faster, misses faces under ~40 px)")  # fmt: skip
-    parser.add_argument("--decode-max-side", type=int, default=1280, help="decode 4K down to this (default 1280)")
-    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability a face needs (default 0.9)")
-    parser.add_argument("--smooth-window", type=int, default=9, help="frames in the per-track smoothing window, odd (default 9; 1: off)")
-    parser.add_argument("--smooth-method", choices=("mean", "majority"), default="mean")
-    parser.add_argument("--fps", type=float, default=30.0, help="aligned-frames: frames per second for pts (default 30)")
-    parser.add_argument("--detectors", type=int, help="MTCNN actors (default: 2 per GPU, else a quarter of the CPUs)")
-    parser.add_argument("--classifiers", type=int, help="classifier actors (default: 2 per GPU, else 1)")
-    parser.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share per actor when there are GPUs")
-    parser.add_argument("--no-timelines", action="store_true", help="skip the per-video timeline PNGs")
-    parser.add_argument("--fail-fast", action="store_true", help="stop at the first video that fails (exit 2)")
-    parser.add_argument("--retry-failed", action="store_true", help="process videos that failed before again")
-    parser.add_argument("--overwrite", action="store_true", help="relabel every video, finished or not")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    add = parser.add_argument
+    add("videos", help="local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video")
+    add("out", help="output root: a local dir or s3:// prefix")
+    add("--checkpoint", required=True, help="classifier checkpoint (local dir or s3://), as finetune writes it")
+    add("--layout", choices=("videos", "aligned-frames"), default="videos",
+        help="videos (default), or folders of aligned face frames, labelled without detection")  # fmt: skip
+    add("--batch-size", type=int, default=64, help="faces per classifier forward pass (default 64)")
+    add("--chunk-frames", type=int, default=16, help="frames per unit of work between stages (default 16)")
+    add("--detect-max-side", type=int, default=640,
+        help="frames are shrunk to this for MTCNN (default 640; 320: ~2x faster, misses faces under ~40 px)")  # fmt: skip
+    add("--detect-every", type=int, default=1,
+        help="full MTCNN on every k-th frame, faces followed by its last two stages between: "
+             "several times cheaper on CPU, a new face is found up to k-1 frames late (default 1)")  # fmt: skip
+    add("--decode-max-side", type=int, default=1280, help="decode 4K down to this (default 1280)")
+    add("--min-face-score", type=float, default=0.9, help="MTCNN probability a face needs (default 0.9)")
+    add("--smooth-window", type=int, default=9, help="frames in the per-track smoothing window, odd (default 9; 1: off)")
+    add("--smooth-method", choices=("mean", "majority"), default="mean")
+    add("--fps", type=float, default=30.0, help="aligned-frames: frames per second for timestamps (default 30)")
+    add("--detectors", type=int, help="MTCNN actors (default: 2 per GPU, else a quarter of the CPUs)")
+    add("--classifiers", type=int, help="classifier actors (default: 2 per GPU, else 1)")
+    add("--gpu-fraction", type=float, default=0.25, help="GPU share per actor when there are GPUs (default 0.25)")
+    add("--no-timelines", action="store_true", help="skip the per-video timeline PNGs")
+    add("--fail-fast", action="store_true", help="stop at the first video that fails (exit 2)")
+    add("--retry-failed", action="store_true", help="process videos that failed or were partial before again")
+    add("--overwrite", action="store_true", help="relabel every video, finished or not (also with another checkpoint)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
@@ -405,6 +428,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         chunk_frames=args.chunk_frames,
         detect_max_side=args.detect_max_side,
         decode_max_side=args.decode_max_side,
+        detect_every=args.detect_every,
         min_face_score=args.min_face_score,
         smooth_window=args.smooth_window,
         smooth_method=args.smooth_method,

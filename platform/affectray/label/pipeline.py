@@ -1,8 +1,8 @@
 """The labeling pipeline's stages, on Ray Data, streaming in chunks of frames.
 
-    videos ─▶ decode (tasks) ─▶ chunks ─▶ detect + align (MTCNN actor pool) ─▶ classify (actor pool) ─▶ driver
-                                                                                assemble each video: track, smooth,
-                                                                                write its Parquet, timeline, marker
+    videos ─▶ decode (tasks) ─▶ chunks ─▶ detect + align (MTCNN actors) ─▶ classify (actors) ─▶ driver
+                                                              assemble each video: track, smooth, write its
+                                                              Parquet, timeline and done marker
 
 A video becomes a stream of *chunks* of ``chunk_frames`` consecutive frames, so a
 long or 4K video is never held whole and its chunks spread over every detector
@@ -47,6 +47,7 @@ class StageSettings:
     halo: int = 0  # extra frames on each side of a chunk, for window classifiers
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from these frames
     detect_max_side: int = 640  # frames are downscaled to this for MTCNN
+    detect_every: int = 1  # full MTCNN on every k-th frame of a chunk, faces followed (R-net + O-net) between
     min_face_score: float = 0.9
     min_face_size: int = 20
     frames_fps: float = 30.0  # time base of frame folders, which carry no timestamps
@@ -66,16 +67,44 @@ def _reason(error: BaseException) -> str:
     return text if len(text) < 500 else text[:497] + "..."
 
 
+def _node_id() -> str:
+    """The Ray node this stage runs on, recorded per video so a job reports where its work ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _ran_here(chunk: dict[str, Any]) -> None:
+    node = _node_id()
+    if node and node not in chunk.setdefault("nodes", []):
+        chunk["nodes"].append(node)
+
+
 class _Clock:
-    """Seconds of work, leaving out the time a generator spends suspended at a yield."""
+    """Wall and CPU seconds of work since the last lap.
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    CPU time is the process's (all threads: torch's and FFmpeg's too), or with
+    ``thread=True`` the calling thread's (the driver's writer threads share a process).
+    Between laps a generator may sit suspended at a yield; callers lap on resuming,
+    so that time is the consumer's, not theirs.
+    """
 
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
+    def __init__(self, thread: bool = False) -> None:
+        self.cpu_clock = time.thread_time if thread else time.process_time
+        self.wall, self.cpu = time.perf_counter(), self.cpu_clock()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), self.cpu_clock()
+        elapsed = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
         return elapsed
+
+
+def _charge(piece: dict[str, Any], stage: str, lap: tuple[float, float], share: float = 1.0) -> None:
+    """Add a stage's wall and CPU seconds to a chunk's (or end row's) accounts."""
+    for account, value in zip(("seconds", "cpu"), lap):
+        totals = piece.setdefault(account, {})
+        totals[stage] = totals.get(stage, 0.0) + value * share
 
 
 # -- stage 1: decode (Ray tasks) -------------------------------------------------------
@@ -108,7 +137,8 @@ def _video_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[int, di
             stream.seek(0)
             frames = _flat_frames(iter_frames(stream, max_side=s.decode_max_side, batch_size=s.chunk_frames))
             for chunk in _with_halo(frames, s.chunk_frames, s.halo):
-                chunk["seconds"] = {"decode": clock.lap()}
+                _charge(chunk, "decode", clock.lap())
+                _ran_here(chunk)
                 yield end["chunks"], chunk
                 clock.lap()  # the time spent suspended is the consumer's, not decoding
                 end["chunks"] += 1
@@ -121,7 +151,8 @@ def _video_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[int, di
         end["reason"], end["error"] = "no frames", f"{video.uri}: the video stream holds no decodable frame"
     if end["error"] is not None:
         end["status"] = "partial" if end["frames"] else "failed"
-    end["seconds"] = {"decode": clock.lap()}
+    _charge(end, "decode", clock.lap())
+    _ran_here(end)
     yield END, end
 
 
@@ -176,7 +207,7 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
             lo, hi = max(0, start - s.halo), min(n, start + size + s.halo)
             loaded = list(pool.map(lambda i: _load_face(video.frames[i], s.image_size), range(lo, hi)))
             good = [i for i, (face, _) in zip(range(lo, hi), loaded) if face is not None]
-            bad += [(video.frames[i], err) for i, (_, err) in zip(range(lo, hi), loaded) if err and start <= i < start + size]
+            bad += [(video.frames[i], err) for i, (_, err) in enumerate(loaded, lo) if err and start <= i < start + size]
             if not good:
                 continue
             index = np.array([video.frame_indices[i] for i in good], dtype=np.int64)
@@ -191,8 +222,9 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
                 "scores": np.full(t, np.nan, np.float32),
                 "landmarks": np.full((t, 5, 2), np.nan, np.float32),
                 "crops": np.stack([loaded[i - lo][0] for i in good]),
-                "seconds": {"decode": clock.lap()},
             }
+            _charge(chunk, "decode", clock.lap())
+            _ran_here(chunk)
             yield end["chunks"], chunk
             clock.lap()
             end["chunks"] += 1
@@ -202,7 +234,8 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
         end["reason"] = "unreadable frames"
         end["error"] = f"{len(bad)} unreadable frame file(s), first {bad[0][0]!r}: {bad[0][1]}"
         end["status"] = "partial" if end["frames"] else "failed"
-    end["seconds"] = {"decode": clock.lap()}
+    _charge(end, "decode", clock.lap())
+    _ran_here(end)
     yield END, end
 
 
@@ -259,7 +292,8 @@ class DetectFaces:
                     try:
                         chunk = self.detect(chunk)
                     except Exception as error:  # noqa: BLE001 - the video fails, the job goes on
-                        chunk = {"error": f"face detection failed: {_reason(error)}", "seconds": chunk.get("seconds", {})}
+                        reason = f"face detection failed: {_reason(error)}"
+                        chunk = {"error": reason, "seconds": chunk.get("seconds", {})}
                     payload = pickle.dumps(chunk, protocol=5)
             payloads.append(payload)
         return {"key": batch["key"], "part": batch["part"], "payload": np.array(payloads, dtype=object)}
@@ -267,12 +301,16 @@ class DetectFaces:
     def detect(self, chunk: dict[str, Any]) -> dict[str, Any]:
         from affectray.data.faces import detect_and_align
 
-        start = time.perf_counter()
+        clock = _Clock()
         s = self.settings
         images = chunk.pop("images")
         found: list[tuple[list, np.ndarray]] = [None] * len(images)  # type: ignore[list-item]
         for run in _same_size_runs(images):
-            for i, result in zip(run, detect_and_align(self.detector(), [images[i] for i in run], s.image_size, s.detect_max_side)):
+            frames = [images[i] for i in run]
+            results = detect_and_align(
+                self.detector(), frames, s.image_size, s.detect_max_side, detect_every=s.detect_every
+            )
+            for i, result in zip(run, results):
                 found[i] = result
         face_pos, boxes, scores, landmarks, crops = [], [], [], [], []
         for i, (faces, aligned) in enumerate(found):
@@ -293,7 +331,8 @@ class DetectFaces:
             landmarks=np.array(landmarks, dtype=np.float32).reshape(-1, 5, 2),
             crops=np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
         )
-        chunk["seconds"]["detect"] = time.perf_counter() - start
+        _charge(chunk, "detect", clock.lap())
+        _ran_here(chunk)
         return chunk
 
 
@@ -331,7 +370,7 @@ class ClassifyFaces:
         self.classifier = load_classifier(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
+        clock = _Clock()
         chunks = {
             i: pickle.loads(payload)
             for i, (part, payload) in enumerate(zip(batch["part"], batch["payload"]))
@@ -343,13 +382,14 @@ class ClassifyFaces:
         else:
             probs = self._classify_frames(ready)
         faces = sum(len(c["crops"]) for c in ready.values())
-        elapsed = time.perf_counter() - start
+        elapsed = clock.lap()
         payloads = list(batch["payload"])
         for i, chunk in chunks.items():
             if i in ready:
                 share = len(chunk["crops"]) / faces if faces else 1 / len(ready)
                 chunk = _core_only(chunk, probs[i])
-                chunk["seconds"]["classify"] = elapsed * share
+                _charge(chunk, "classify", elapsed, share)
+                _ran_here(chunk)
             payloads[i] = pickle.dumps(chunk, protocol=5)
         return {"key": batch["key"], "part": batch["part"], "payload": np.array(payloads, dtype=object)}
 
@@ -392,7 +432,9 @@ def _core_only(chunk: dict[str, Any], probs: np.ndarray) -> dict[str, Any]:
         "scores": chunk["scores"][faces],
         "landmarks": chunk["landmarks"][faces],
         "probs": probs[faces].astype(np.float32),
-        "seconds": chunk["seconds"],
+        "seconds": chunk.get("seconds", {}),
+        "cpu": chunk.get("cpu", {}),
+        "nodes": chunk.get("nodes", []),
     }
 
 
@@ -450,10 +492,14 @@ class Finisher:
     timelines: bool = True
 
     def __call__(self, video: VideoInput, parts: list[dict[str, Any]], end: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
+        clock = _Clock(thread=True)
         seconds: Counter = Counter()
+        cpu: Counter = Counter()
+        nodes: set[str] = set()
         for piece in [*parts, end]:
             seconds.update(piece.get("seconds") or {})
+            cpu.update(piece.get("cpu") or {})
+            nodes.update(piece.get("nodes") or [])
         outcome: dict[str, Any] = {
             "video_uri": video.uri,
             "video_key": video.key,
@@ -489,10 +535,16 @@ class Finisher:
                 faces=labels.num_faces,
                 frames_with_face=int(np.count_nonzero(labels.face_count)),
                 tracks=len(np.unique(labels.track_id)),
-                label_counts={self.classes[k]: int(n) for k, n in zip(*np.unique(labels.label_smoothed, return_counts=True))},
+                label_counts={
+                    self.classes[k]: int(n) for k, n in zip(*np.unique(labels.label_smoothed, return_counts=True))
+                },
             )
-        seconds["write"] += time.perf_counter() - start
+        wall, cpu_write = clock.lap()
+        seconds["write"] += wall
+        cpu["write"] += cpu_write
         outcome["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
+        outcome["cpu_seconds"] = {k: round(v, 4) for k, v in cpu.items()}
+        outcome["nodes"] = sorted(nodes)  # Ray nodes that decoded, detected or classified it
         outcome["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         # Written last: its presence means the video's outputs (if any) are complete.
         storage.write_json(outputs.done_uri(self.out, video.key), outcome)
