@@ -48,8 +48,6 @@ def shard_contact_sheet(root: str, out_png: str, *, faces: int = 32, columns: in
 
 def loss_curve(history: list[dict[str, Any]], out_png: str, *, key: str = "loss", title: str = "") -> str:
     """Plot a metric against step from a run's reported metrics; returns the PNG's URI."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,18 +60,11 @@ def loss_curve(history: list[dict[str, Any]], out_png: str, *, key: str = "loss"
     ax.set_ylabel(key)
     ax.set_title(title or key)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    storage.write_bytes(out_png, buffer.getvalue())
-    return out_png
+    return _save_png(fig, out_png)
 
 
 def confusion_matrix_png(confusion: Any, classes: list[str], out_png: str, *, title: str = "") -> str:
     """A confusion matrix (rows = true class) as a heatmap with counts and row-normalised shading."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,18 +84,11 @@ def confusion_matrix_png(confusion: Any, classes: list[str], out_png: str, *, ti
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    storage.write_bytes(out_png, buffer.getvalue())
-    return out_png
+    return _save_png(fig, out_png)
 
 
 def trials_plot(trials: list[tuple[str, float, int]], out_png: str, *, metric: str, title: str = "") -> str:
     """A sweep at a glance: each trial's best metric, in trial order, sized by epochs run (ASHA stops some early)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,6 +106,15 @@ def trials_plot(trials: list[tuple[str, float, int]], out_png: str, *, metric: s
     ax.set_ylabel(metric)
     ax.set_title(title or metric, fontsize=9)
     ax.grid(alpha=0.3)
+    return _save_png(fig, out_png)
+
+
+def _save_png(fig, out_png: str) -> str:
+    """Lay out, render and write a matplotlib figure to ``out_png`` (any URI); closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
