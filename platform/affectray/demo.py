@@ -106,6 +106,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             out=str(out / "labels"),
             checkpoint=outputs["finetune"]["checkpoint"],
             detect_max_side=320,
+            # A demo re-run may have fine-tuned a new checkpoint: relabel the three videos with it
+            # instead of refusing to mix two models' labels in one OUT.
+            overwrite=True,
         )
     )
     outputs["label_report"] = outputs["label"]["report"]
