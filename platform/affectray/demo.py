@@ -128,22 +128,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
-    """Every report of a run, from its metrics.csv (numbers parsed; blanks dropped)."""
-    import csv
+    """Every report of a run, from its metrics.csv: the numeric columns, blanks dropped."""
+    import pandas as pd
 
     path = run_dir / "metrics.csv"
     if not path.exists():
         return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in row.items() if v not in ("", None) and _is_number(v)})
-    return rows
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    table = pd.read_csv(path).select_dtypes("number")
+    return [{k: v for k, v in row.items() if v == v} for row in table.to_dict("records")]  # v != v: NaN

@@ -78,3 +78,21 @@ def configure_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def add_config_job_arguments(parser) -> None:
+    """The arguments of every config-driven job: --config, --set and --address."""
+    from affectray.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+
+
+def run_config_job(config_cls, args, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Resolve the job's config from --config/--set, print it, connect to Ray, run it."""
+    from affectray.config import config_from_args, print_config
+
+    config = config_from_args(config_cls, args)
+    print_config(config)
+    init_ray(args.address)
+    return run(config)

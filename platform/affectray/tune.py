@@ -339,18 +339,13 @@ def _best_value(result, metric: str, mode: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.config import add_config_arguments
+    from affectray.runtime import add_config_job_arguments
 
-    add_config_arguments(parser)
+    add_config_job_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="restore the interrupted sweep and finish it")
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.config import config_from_args, print_config
-    from affectray.runtime import init_ray
+    from affectray.runtime import run_config_job
 
-    config = config_from_args(TuneConfig, args)
-    print_config(config)
-    init_ray(args.address)
-    return run_tune(config, resume=args.resume)
+    return run_config_job(TuneConfig, args, lambda config: run_tune(config, resume=args.resume))

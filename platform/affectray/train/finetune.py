@@ -350,21 +350,6 @@ class ClassifierTask:
 # --------------------------------------------------------------------------- driver
 
 
-def total_steps(config: FinetuneConfig) -> int:
-    from affectray.data.loaders import count_samples
-    from affectray.runtime import JobError
-
-    samples = count_samples(training_data(config), train=True)
-    per_step = config.train.batch_size * config.run.num_workers * config.optim.accumulation
-    if samples < per_step:
-        raise JobError(
-            f"{samples} training samples in {config.data.root!r} cannot fill one step of {per_step} "
-            "(batch_size x num_workers x accumulation): lower train.batch_size or ingest more data"
-        )
-    steps = (samples // per_step) * config.train.epochs
-    return min(steps, config.train.max_steps) if config.train.max_steps else steps
-
-
 def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune on Ray Train; returns the job summary (metrics of the best checkpoint and its URI).
 
@@ -376,7 +361,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     from affectray.data.sample import ensure_sample_shards
     from affectray.models.registry import create_model_from_description
     from affectray.train import checkpoint as ckpt
-    from affectray.train.loop import BEST_CHECKPOINT_DIR, METRICS_FILE, fit
+    from affectray.train.loop import BEST_CHECKPOINT_DIR, METRICS_FILE, fit, planned_steps
 
     start = time.perf_counter()
     if config.sample_corpus_if_empty:
@@ -388,7 +373,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     num_params = sum(p.numel() for p in probe.parameters())
     del probe
     weights = class_weights(config)
-    steps = total_steps(config)
+    steps = planned_steps(training_data(config), config.optim, config.train, config.run)
     task = ClassifierTask(config, description, weights, manifest)
     result, run_uri = fit(
         task,
@@ -440,17 +425,12 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.config import add_config_arguments
+    from affectray.runtime import add_config_job_arguments
 
-    add_config_arguments(parser)
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    add_config_job_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.config import config_from_args, print_config
-    from affectray.runtime import init_ray
+    from affectray.runtime import run_config_job
 
-    config = config_from_args(FinetuneConfig, args)
-    print_config(config)
-    init_ray(args.address)
-    return run_finetune(config)
+    return run_config_job(FinetuneConfig, args, run_finetune)

@@ -81,6 +81,26 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def planned_steps(data, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg: RunConfig) -> int:
+    """Optimizer steps of a run over ``data`` (a loader DataConfig): max_steps, or the epochs' worth.
+
+    Counted from the shards' label and index columns (no image decoded); a corpus too small
+    for one step is a clear error, not a run that trains on nothing.
+    """
+    from affectray.data.loaders import count_samples
+    from affectray.runtime import JobError
+
+    samples = count_samples(data, train=True)
+    per_step = train_cfg.batch_size * run_cfg.num_workers * optim_cfg.accumulation
+    if samples < per_step:
+        raise JobError(
+            f"{samples} training samples in {data.root!r} cannot fill one step of {per_step} "
+            "(batch_size x num_workers x accumulation): lower train.batch_size or ingest more data"
+        )
+    steps = (samples // per_step) * train_cfg.epochs
+    return min(steps, train_cfg.max_steps) if train_cfg.max_steps else steps
+
+
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms and embeddings-like 1-D parameters (as MAE/timm do).
 
@@ -382,5 +402,6 @@ __all__ = [
     "history_csv",
     "lr_factor",
     "param_groups",
+    "planned_steps",
     "train_loop_per_worker",
 ]

@@ -103,39 +103,18 @@ class MAETask:
         }
 
 
-def total_steps(config: PretrainConfig) -> int:
-    """Optimizer steps of the run: max_steps, or the epochs' worth of the data."""
-    from affectray.data.loaders import count_samples
-
-    samples = count_samples(config.data, train=True)
-    per_step = config.train.batch_size * config.run.num_workers * config.optim.accumulation
-    steps = max(1, samples // per_step) * config.train.epochs
-    if samples < per_step:
-        raise_empty(config, samples, per_step)
-    return min(steps, config.train.max_steps) if config.train.max_steps else steps
-
-
-def raise_empty(config: PretrainConfig, samples: int, per_step: int) -> None:
-    from affectray.runtime import JobError
-
-    raise JobError(
-        f"{samples} clips in {config.data.root!r} cannot fill one step of {per_step} "
-        f"(batch_size x num_workers x accumulation): lower train.batch_size or ingest more data"
-    )
-
-
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train; returns the job summary (steps, first/last loss, checkpoint URI)."""
     from affectray.data import shards
     from affectray.data.loaders import build_dataset
     from affectray.data.sample import ensure_sample_shards
-    from affectray.train.loop import checkpoint_uri, fit
+    from affectray.train.loop import checkpoint_uri, fit, planned_steps
 
     start = time.perf_counter()
     if config.sample_corpus_if_empty:
         ensure_sample_shards(config.data.root, image_size=config.data.image_size, seed=config.seed)
     manifest = shards.read_manifest(config.data.root)
-    steps = total_steps(config)
+    steps = planned_steps(config.data, config.optim, config.train, config.run)
     task = MAETask(config, manifest)
     result, run_uri = fit(
         task,
@@ -165,20 +144,15 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.config import add_config_arguments
+    from affectray.runtime import add_config_job_arguments
 
-    add_config_arguments(parser)
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    add_config_job_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.config import config_from_args, print_config
-    from affectray.runtime import init_ray
+    from affectray.runtime import run_config_job
 
-    config = config_from_args(PretrainConfig, args)
-    print_config(config)
-    init_ray(args.address)
-    return run_pretrain(config)
+    return run_config_job(PretrainConfig, args, run_pretrain)
 
 
 __all__ = ["MAETask", "PretrainConfig", "PretrainModelConfig", "run_pretrain"]
