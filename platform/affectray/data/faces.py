@@ -1,10 +1,10 @@
 """Faces: MTCNN detection over frame batches, 5-point similarity alignment, JPEG coding.
 
-Detection wraps facenet-pytorch's MTCNN (weights ship inside its wheel, nothing
-downloads). Alignment maps the five MTCNN landmarks onto the ArcFace template
-with a least-squares similarity transform (Umeyama), widened by ``margin``
-because expression lives in the brows, forehead and chin that ArcFace's tight
-identity crop cuts off.
+Detection runs facenet-pytorch's MTCNN nets (weights ship inside its wheel, nothing
+downloads) through affectray.data.mtcnn's cascade: the same faces, faster. Alignment
+maps the five MTCNN landmarks onto the ArcFace template with a least-squares
+similarity transform (Umeyama), widened by ``margin`` because expression lives in
+the brows, forehead and chin that ArcFace's tight identity crop cuts off.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class FaceDetector:
         import torch
         from facenet_pytorch import MTCNN
 
+        from affectray.data.mtcnn import Cascade
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -112,6 +114,7 @@ class FaceDetector:
             device=self.device,
         )
         self.mtcnn.eval()
+        self.cascade = Cascade(self.mtcnn)
 
     def detect(
         self, images: Sequence[np.ndarray], *, scale: float | Sequence[float] = 1.0
@@ -131,11 +134,10 @@ class FaceDetector:
         for indices in _batches_by_size(images, self.max_batch):
             height, width = images[indices[0]].shape[:2]
             if min(height, width) < self.min_face_size:
-                continue  # MTCNN's image pyramid is empty and it would fail on torch.cat([])
+                continue  # MTCNN's image pyramid is empty
             batch = np.stack([images[i] for i in indices])  # [B, H, W, 3] uint8
-            boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
-            for j, i in enumerate(indices):
-                results[i] = self._detections(boxes[j], probs[j], points[j], scales[i])
+            for i, (boxes, points) in zip(indices, self.cascade.detect(batch)):
+                results[i] = self._detections(boxes[:, :4], boxes[:, 4], points, scales[i])
         return results
 
     def follow(self, image: np.ndarray, faces: Sequence[Detection], *, scale: float = 1.0) -> list[Detection]:
@@ -148,50 +150,14 @@ class FaceDetector:
         image pyramid, most of MTCNN's cost, so a video can run full detection on
         key frames only and follow faces in between. ``scale`` as in :meth:`detect`.
         """
-        import torch
-        from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
-        from torchvision.ops import nms
-
         if not faces:
             return []
-        h, w = image.shape[:2]
-        pixels = torch.as_tensor(np.ascontiguousarray(image), device=self.device).permute(2, 0, 1)[None].float()
-        rows = [[*(np.asarray(f.box, np.float32) * scale), f.score] for f in faces]
-        boxes = torch.tensor(rows, dtype=torch.float32, device=self.device)  # [N, 5] x1, y1, x2, y2, score
-        stages = [(self.mtcnn.rnet, 24, self.mtcnn.thresholds[1]), (self.mtcnn.onet, 48, self.mtcnn.thresholds[2])]
-        with torch.no_grad():
-            for net, side, threshold in stages:
-                boxes = rerec(boxes)  # squares, as each stage's input is in MTCNN
-                y, ey, x, ex = pad(boxes, w, h)  # 1-based pixel bounds, clipped to the image
-                inside = (ey > y - 1) & (ex > x - 1)
-                if not inside.any():
-                    return []
-                boxes, y, ey, x, ex = boxes[torch.as_tensor(inside)], y[inside], ey[inside], x[inside], ex[inside]
-                crops = [imresample(pixels[:, :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (side, side)) for k in range(len(y))]
-                out = net((torch.cat(crops) - 127.5) * 0.0078125)
-                reg, prob = out[0], out[-1][:, 1]  # [N, 4] box regression, [N] face probability
-                keep = prob > threshold
-                boxes, reg = torch.cat([boxes[keep, :4], prob[keep, None]], dim=1), reg[keep]
-                if not len(boxes):
-                    return []
-                if net is self.mtcnn.onet:  # landmarks, relative to the input box: 5 x, then 5 y
-                    marks = out[1][keep]
-                    width = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
-                    height = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-                    points = torch.stack(
-                        [width * marks[:, :5] + boxes[:, :1] - 1, height * marks[:, 5:] + boxes[:, 1:2] - 1], dim=2
-                    )  # [N, 5, 2]
-                boxes = bbreg(boxes, reg)
-            pick = nms(boxes[:, :4], boxes[:, 4], 0.7)  # faces that converged onto one
-        boxes, points = boxes[pick].cpu().numpy(), points[pick].cpu().numpy()
+        boxes = [[*(np.asarray(f.box, np.float32) * scale), f.score] for f in faces]
+        boxes, points = self.cascade.follow(image, np.array(boxes, np.float32))
         found = self._detections(boxes[:, :4], boxes[:, 4], points, scale)
         return sorted(found, key=lambda d: -d.score)
 
-    def _detections(self, boxes, probs, points, scale: float) -> list[Detection]:
-        # facenet-pytorch returns None (or an object array holding None) for an image
-        # without faces, and object arrays otherwise; numpy 2 refuses arithmetic on either.
-        if boxes is None or probs is None or points is None or any(p is None for p in np.ravel(probs)):
-            return []
+    def _detections(self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale: float) -> list[Detection]:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale  # [N, 4]
         probs = np.asarray(probs, dtype=np.float32).reshape(-1)  # [N]
         points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2) / scale  # [N, 5, 2]
