@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     _step("outputs")
     for name, value in outputs.items():
-        where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint")
+        where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint") or value.get("out")
         print(f"  {name:18s} {where}")
     return {"job": "demo", "out": str(out), "seconds": round(time.perf_counter() - start, 1), **{
         k: v for k, v in outputs.items() if isinstance(v, str)
