@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MARGIN",
     "Detection",
     "FaceDetector",
+    "LazyDetector",
     "align_face",
     "align_faces",
     "decode_jpeg",
@@ -166,6 +167,28 @@ class FaceDetector:
             for k in range(len(probs))
             if probs[k] >= self.min_score
         ]
+
+
+class LazyDetector:
+    """A FaceDetector built on its first call, for Ray actors whose inputs may need none (frame folders).
+
+    ``torch_threads`` > 0 caps torch's threads in the process first, so the actors of
+    one node share its cores instead of oversubscribing them.
+    """
+
+    def __init__(self, *, min_score: float, min_face_size: int, torch_threads: int = 0):
+        self.kwargs = {"min_score": min_score, "min_face_size": min_face_size}
+        self.torch_threads = torch_threads
+        self._detector: FaceDetector | None = None
+
+    def __call__(self) -> FaceDetector:
+        if self._detector is None:
+            import torch
+
+            if self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+            self._detector = FaceDetector(**self.kwargs)
+        return self._detector
 
 
 def _batches_by_size(images: Sequence[np.ndarray], max_batch: int) -> list[list[int]]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from affectray import storage
 from affectray.data import shards
+from affectray.data.faces import LazyDetector
 from affectray.data.sources import LAYOUTS, WorkUnit, list_units
 
 logger = logging.getLogger("affectray.ingest")
@@ -98,19 +99,9 @@ class UnitProcessor:
     def __init__(self, config: IngestConfig, annotation_uris: dict[str, str], torch_threads: int = 0):
         self.config = config
         self.annotation_uris = annotation_uris
-        self.torch_threads = torch_threads
-        self._detector = None
-
-    def detector(self):
-        if self._detector is None:
-            import torch
-
-            from affectray.data.faces import FaceDetector
-
-            if self.torch_threads:
-                torch.set_num_threads(self.torch_threads)
-            self._detector = FaceDetector(min_score=self.config.min_face_score, min_face_size=self.config.min_face_size)
-        return self._detector
+        self.detector = LazyDetector(
+            min_score=config.min_face_score, min_face_size=config.min_face_size, torch_threads=torch_threads
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [self.process(WorkUnit.from_dict(json.loads(row))) for row in batch["unit"]]

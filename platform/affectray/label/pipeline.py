@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from affectray import storage
+from affectray.data.faces import LazyDetector
 from affectray.label import outputs
 from affectray.label.inputs import VideoInput
 
@@ -268,20 +269,9 @@ class DetectFaces:
 
     def __init__(self, settings: StageSettings, torch_threads: int = 0):
         self.settings = settings
-        self.torch_threads = torch_threads
-        self._detector = None
-
-    def detector(self):
-        if self._detector is None:
-            import torch
-
-            from affectray.data.faces import FaceDetector
-
-            if self.torch_threads:
-                torch.set_num_threads(self.torch_threads)
-            s = self.settings
-            self._detector = FaceDetector(min_score=s.min_face_score, min_face_size=s.min_face_size)
-        return self._detector
+        self.detector = LazyDetector(
+            min_score=settings.min_face_score, min_face_size=settings.min_face_size, torch_threads=torch_threads
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
