@@ -79,16 +79,24 @@ def test_cascade_on_a_frame_without_faces(mtcnn):
     assert boxes.shape == (0, 5) and points.shape == (0, 5, 2)
 
 
-def test_follow_refines_a_shifted_box_onto_the_face(mtcnn, real_frames):
+def test_detecting_near_recent_faces_finds_what_the_whole_frame_finds(mtcnn, real_frames):
+    """P-net on windows around the faces of 9 frames before: the same faces, landmarks within 1e-3 px."""
     cascade = Cascade(mtcnn)
-    frame = real_frames[0]
-    (box,), (marks,) = cascade.detect(frame[None])[0]
-    shifted = box.copy()
-    shifted[:4] += [12, -8, 12, -8]  # the previous frame's box, the face having moved
-    followed, points = cascade.follow(frame, shifted[None])
-    assert len(followed) == 1
-    assert box_iou(followed[:, :4], box[None, :4])[0, 0] > 0.85  # the ~155 px face, not the shifted box
-    assert box_iou(shifted[None, :4], box[None, :4])[0, 0] < 0.8
-    assert np.abs(points[0] - marks).max() < 4
-    empty, _ = cascade.follow(frame, np.array([[0, 0, 30, 30, 0.99]], np.float32))  # no face there
-    assert len(empty) == 0
+    *frames, pair = real_frames
+    whole = cascade.detect(np.stack(frames))
+    for k in range(1, len(frames)):
+        boxes, marks = cascade.detect(frames[k][None], near=whole[k - 1][0])[0]
+        assert len(boxes) == 1, f"frame {k}"
+        np.testing.assert_allclose(boxes, whole[k][0], atol=1e-3)
+        np.testing.assert_allclose(marks, whole[k][1], atol=1e-3)
+    # Batched, as between key frames: every frame near the same earlier face.
+    for (boxes, _), (expected, _) in zip(cascade.detect(np.stack(frames[1:4]), near=whole[0][0]), whole[1:4]):
+        np.testing.assert_allclose(boxes, expected, atol=1e-3)
+
+    both, _ = cascade.detect(pair[None])[0]
+    assert len(both) == 2
+    np.testing.assert_allclose(cascade.detect(pair[None], near=both)[0][0], both, atol=1e-3)
+    one, _ = cascade.detect(pair[None], near=both[:1])[0]  # the other face is not looked for
+    np.testing.assert_allclose(one, both[:1], atol=1e-3)
+    nothing, _ = cascade.detect(pair[None], near=np.array([[0, 0, 30, 30]], np.float32))[0]  # no face there
+    assert len(nothing) == 0

@@ -8,6 +8,15 @@ one summed-area table per frame: every pyramid level and every candidate crop is
 four gathers and a division, exact in integers, so the nets see the same inputs
 (to float rounding) and the cascade finds the same faces with the same landmarks.
 The stages, thresholds, NMS and box regression are facenet-pytorch's own helpers.
+
+Given the faces of a recent frame (``near``), P-net runs only on windows around
+them, at the pyramid levels of their size. P-net is fully convolutional, so on a
+window aligned to its stride it scores exactly what it scores there on the whole
+level: the candidates around the face, and so the face found, are the whole
+frame's. Faces elsewhere in the frame are not looked for.
+
+On CPU the nets run on a few frames and a few dozen crops per call: their
+activations then stay in cache, 1.2-1.9x faster per item than in batches of hundreds.
 """
 
 from __future__ import annotations
@@ -15,18 +24,17 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-from facenet_pytorch.models.utils.detect_face import (
-    batched_nms_numpy,
-    bbreg,
-    generateBoundingBox,
-    pad,
-    rerec,
-)
+from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg, pad, rerec
 from torchvision.ops import batched_nms
 
 __all__ = ["Cascade", "area_windows", "pyramid_scales", "summed_area"]
 
 PYRAMID_FACTOR = 0.709  # MTCNN's scale step between pyramid levels
+NEAR_MARGIN = 1.0  # around a given face, P-net looks this many face sizes out on each side
+NEAR_SCALES = 3.0  # ... at the levels whose 12 px cell is a third to three times the face's size
+# Items per net call on CPU, measured fastest (one thread): past these, activations leave the
+# cache and the time per item rises. A GPU takes each stage in one call.
+CPU_FRAMES, CPU_RNET_CROPS, CPU_ONET_CROPS = 4, 128, 32
 
 
 def summed_area(frames: np.ndarray) -> np.ndarray:
@@ -52,9 +60,15 @@ def area_windows(start: np.ndarray, length: np.ndarray, size: int) -> tuple[np.n
     return first, last
 
 
-def _level(table: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Every frame of the table area-resampled to [B, out_h, out_w, C] float32 (one pyramid level)."""
+def _level(table: np.ndarray, out_h: int, out_w: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Every frame of the table area-resampled to [B, out_h, out_w, C] float32 (one pyramid level).
+
+    ``window`` (top, bottom, left, right) in level pixels returns only that part of the level.
+    """
     (r0, r1), (c0, c1) = area_windows(0, table.shape[1] - 1, out_h), area_windows(0, table.shape[2] - 1, out_w)
+    if window is not None:
+        top, bottom, left, right = window
+        r0, r1, c0, c1 = r0[top:bottom], r1[top:bottom], c0[left:right], c1[left:right]
     strips = np.take(table, r1, axis=1) - np.take(table, r0, axis=1)  # [B, out_h, W + 1, C] row-window sums
     total = np.take(strips, c1, axis=2) - np.take(strips, c0, axis=2)  # np.take: 3x faster than fancy indexing
     count = (r1 - r0)[:, None] * (c1 - c0)[None, :]
@@ -67,15 +81,16 @@ def _crop_means(table: np.ndarray, frame: np.ndarray, rows: tuple, cols: tuple) 
     ``frame`` [K] picks each crop's table; rows / cols are its [K, R] / [K, C] (first, last) bounds.
     """
     (r0, r1), (c0, c1) = rows, cols
-    k = frame[:, None, None]
-    total = (
-        table[k, r1[:, :, None], c1[:, None, :]]
-        - table[k, r0[:, :, None], c1[:, None, :]]
-        - table[k, r1[:, :, None], c0[:, None, :]]
-        + table[k, r0[:, :, None], c0[:, None, :]]
-    )
+    _, h1, w1, channels = table.shape
+    pixels = table.reshape(-1, channels)
+    first_row = (np.asarray(frame) * h1)[:, None, None]
+
+    def corner(r: np.ndarray, c: np.ndarray) -> np.ndarray:  # np.take on flat indices: 3x faster than fancy indexing
+        return np.take(pixels, ((first_row + r[:, :, None]) * w1 + c[:, None, :]).ravel(), axis=0)
+
+    total = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
     count = (r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]
-    return np.divide(total, count[..., None], dtype=np.float32)
+    return np.divide(total.reshape(*count.shape, channels), count[..., None], dtype=np.float32)
 
 
 def pyramid_scales(height: int, width: int, min_face_size: int) -> list[float]:
@@ -88,6 +103,58 @@ def pyramid_scales(height: int, width: int, min_face_size: int) -> list[float]:
         scale *= PYRAMID_FACTOR
         short *= PYRAMID_FACTOR
     return scales
+
+
+def _span(lo: float, hi: float, size: int) -> tuple[int, int]:
+    """[lo, hi) widened to an even start and an even length (or the level's end), clipped to [0, size).
+
+    Even, because P-net halves the grid once (a 2x2 max-pool, ceil mode): on such a
+    window its every output is the whole level's output at the same place.
+    """
+    start = max(0, int(np.floor(lo)) // 2 * 2)
+    stop = min(size, int(np.ceil(hi)))
+    if (stop - start) % 2 and stop < size:
+        stop += 1
+    return start, stop
+
+
+def _windows(near: np.ndarray | None, scale: float, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Windows (top, bottom, left, right) of a pyramid level P-net runs on: the whole level, or around ``near``."""
+    if near is None:
+        return [(0, height, 0, width)]
+    windows = []
+    for x1, y1, x2, y2 in near[:, :4]:
+        w, h = x2 - x1, y2 - y1
+        if not 1 / NEAR_SCALES <= 12 / scale / max(w, h, 1.0) <= NEAR_SCALES:
+            continue  # a candidate this level's size cannot become this face
+        top, bottom = _span((y1 - NEAR_MARGIN * h) * scale, (y2 + NEAR_MARGIN * h) * scale, height)
+        left, right = _span((x1 - NEAR_MARGIN * w) * scale, (x2 + NEAR_MARGIN * w) * scale, width)
+        if bottom - top >= 12 and right - left >= 12:  # P-net's receptive field
+            windows.append((top, bottom, left, right))
+    return windows
+
+
+def _candidates(reg: torch.Tensor, probs: torch.Tensor, scale: float, threshold: float, top: int, left: int):
+    """facenet-pytorch's generateBoundingBox for P-net's output on a window at (top, left) of its level.
+
+    Each output cell above ``threshold`` maps to the 12 px square it scored, in frame pixels:
+    rows [x1, y1, x2, y2, score, 4 regression offsets] and the frame index of each.
+    """
+    mask = probs >= threshold
+    where = mask.nonzero()  # [K, 3]: frame, row, column
+    cells = (where[:, 1:] + torch.tensor([top // 2, left // 2], device=where.device)).to(reg.dtype).flip(1)
+    q1 = ((2 * cells + 1) / scale).floor()  # P-net's stride 2 and 12 px cell, as facenet-pytorch writes them
+    q2 = ((2 * cells + 12) / scale).floor()
+    offsets = reg.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
+    return torch.cat([q1, q2, probs[mask].unsqueeze(1), offsets], dim=1), where[:, 0]
+
+
+def _forward(net: torch.nn.Module, inputs: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """``net`` over ``inputs`` in slices of ``size`` items, outputs concatenated."""
+    if len(inputs) <= size:
+        return net(inputs)
+    outputs = [net(inputs[k : k + size]) for k in range(0, len(inputs), size)]
+    return tuple(torch.cat(parts) for parts in zip(*outputs))
 
 
 def _normalised(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -112,14 +179,23 @@ class Cascade:
         self.thresholds = list(mtcnn.thresholds)
         self.min_face_size = mtcnn.min_face_size
         self.device = next(self.pnet.parameters()).device
+        limits = (CPU_FRAMES, CPU_RNET_CROPS, CPU_ONET_CROPS) if self.device.type == "cpu" else (2**31,) * 3
+        self.max_frames, self.max_rnet, self.max_onet = limits
 
     @torch.inference_mode()
-    def detect(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per frame of [B, H, W, 3] uint8: (boxes [N, 5] x1, y1, x2, y2, score; landmarks [N, 5, 2])."""
+    def detect(self, frames: np.ndarray, near: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per frame of [B, H, W, 3] uint8: (boxes [N, 5] x1, y1, x2, y2, score; landmarks [N, 5, 2]).
+
+        ``near`` [M, 4+] boxes (e.g. the faces of a recent frame): look only around them, at
+        their sizes; P-net's pyramid, most of the cost, shrinks to a few small windows.
+        """
+        if len(frames) > self.max_frames:
+            groups = (frames[k : k + self.max_frames] for k in range(0, len(frames), self.max_frames))
+            return [found for group in groups for found in self.detect(group, near)]
         b, h, w, _ = frames.shape
         table = summed_area(frames)
-        boxes, image = self._propose(table, h, w)
-        boxes, image = self._refine(table, boxes, image, self.rnet, 24, self.thresholds[1])
+        boxes, image = self._propose(table, h, w, None if near is None else np.asarray(near, np.float64))
+        boxes, image = self._refine(table, boxes, image)
         boxes, image, points = self._finish(table, boxes, image)
         if len(boxes):
             pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image, 0.7, "Min")  # facenet's last NMS
@@ -127,31 +203,20 @@ class Cascade:
         boxes, image, points = boxes.cpu().numpy(), image.cpu().numpy(), points.cpu().numpy()
         return [(boxes[image == i], points[image == i]) for i in range(b)]
 
-    @torch.inference_mode()
-    def follow(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """R-net and O-net on the squares around ``boxes`` [N, 5] of one [H, W, 3] frame, as on P-net's candidates.
-
-        Returns (boxes [M, 5], landmarks [M, 5, 2]) of the faces still seen, converged ones merged.
-        """
-        table = summed_area(frame[None])
-        boxes = torch.tensor(np.asarray(boxes, np.float32).reshape(-1, 5), device=self.device)  # a copy: rerec writes in place
-        image = torch.zeros(len(boxes), dtype=torch.long, device=self.device)
-        boxes, image = self._refine(table, rerec(boxes), image, self.rnet, 24, self.thresholds[1])
-        boxes, image, points = self._finish(table, boxes, image)
-        if len(boxes):
-            pick = batched_nms(boxes[:, :4], boxes[:, 4], image, 0.7)
-            boxes, points = boxes[pick], points[pick]
-        return boxes.cpu().numpy(), points.cpu().numpy()
-
-    def _propose(self, table: np.ndarray, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """P-net over every pyramid level: candidate squares [N, 5] and their frame indices [N]."""
-        boxes, image = [], []
+    def _propose(self, table: np.ndarray, h: int, w: int, near: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """P-net over every pyramid level (or windows near given faces): candidate squares [N, 5], frame indices [N]."""
+        boxes, image = [torch.zeros(0, 9, device=self.device)], [torch.zeros(0, dtype=torch.long, device=self.device)]
         for scale in pyramid_scales(h, w, self.min_face_size):
-            level = _level(table, int(h * scale + 1), int(w * scale + 1))  # facenet's sizes
-            reg, probs = self.pnet(_normalised(level, self.device))
-            found, index = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
-            pick = batched_nms(found[:, :4], found[:, 4], index, 0.5)
-            boxes.append(found[pick])
+            size = (int(h * scale + 1), int(w * scale + 1))  # facenet's level sizes
+            found = [
+                _candidates(*self._pnet(_level(table, *size, window)), scale, self.thresholds[0], window[0], window[2])
+                for window in _windows(near, scale, *size)
+            ]
+            if not found:
+                continue
+            level, index = (torch.cat(parts) for parts in zip(*found))
+            pick = batched_nms(level[:, :4], level[:, 4], index, 0.5)  # also merges overlapping windows' twins
+            boxes.append(level[pick])
             image.append(index[pick])
         boxes, image = torch.cat(boxes), torch.cat(image)
         pick = batched_nms(boxes[:, :4], boxes[:, 4], image, 0.7)
@@ -170,6 +235,10 @@ class Cascade:
         )
         return rerec(refined), image
 
+    def _pnet(self, level: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        reg, probs = self.pnet(_normalised(level, self.device))
+        return reg, probs[:, 1]
+
     def _crops(self, table: np.ndarray, boxes: torch.Tensor, image: torch.Tensor, side: int):
         """Area-resampled [K, 3, side, side] inputs of the candidates inside the frame, and which those are."""
         h, w = table.shape[1] - 1, table.shape[2] - 1
@@ -181,14 +250,14 @@ class Cascade:
         frame = image.cpu().numpy()[inside]
         return _normalised(_crop_means(table, frame, rows, cols), self.device), torch.as_tensor(inside, device=self.device)
 
-    def _refine(self, table, boxes, image, net, side: int, threshold: float):
-        """R-net: keep candidates it scores above ``threshold``, merge, regress, square."""
+    def _refine(self, table, boxes, image):
+        """R-net: keep candidates it scores above its threshold, merge, regress, square."""
         if not len(boxes):
             return boxes, image
-        inputs, inside = self._crops(table, boxes, image, side)
+        inputs, inside = self._crops(table, boxes, image, 24)
         boxes, image = boxes[inside], image[inside]
-        reg, prob = net(inputs)
-        keep = prob[:, 1] > threshold
+        reg, prob = _forward(self.rnet, inputs, self.max_rnet)
+        keep = prob[:, 1] > self.thresholds[1]
         boxes = torch.cat([boxes[keep, :4], prob[keep, 1:2]], dim=1)
         image, reg = image[keep], reg[keep]
         pick = batched_nms(boxes[:, :4], boxes[:, 4], image, 0.7)
@@ -201,7 +270,7 @@ class Cascade:
             return boxes, image, points
         inputs, inside = self._crops(table, boxes, image, 48)
         boxes, image = boxes[inside], image[inside]
-        reg, marks, prob = self.onet(inputs)
+        reg, marks, prob = _forward(self.onet, inputs, self.max_onet)
         keep = prob[:, 1] > self.thresholds[2]
         boxes = torch.cat([boxes[keep, :4], prob[keep, 1:2]], dim=1)
         image, reg, marks = image[keep], reg[keep], marks[keep]
