@@ -8,8 +8,8 @@ video URIs, or one video (``--layout aligned-frames``: folders of aligned face
 frames, labelled without detection). OUT is a local dir or s3:// prefix.
 
 Videos stream through decode tasks in chunks of frames, MTCNN and alignment in
-one actor pool and the checkpoint's classifier in another (a GPU fraction per
-actor when the cluster has GPUs); the driver assembles each video, links faces
+one actor pool and the checkpoint's classifier in another, each actor with a GPU
+fraction (on a cluster without GPUs, one pool of actors does both); the driver assembles each video, links faces
 into tracks, smooths predictions per track and writes OUT/labels/<key>.parquet
 (one row per frame and face; a frame with no face has one row with face_count 0),
 a timeline PNG and a done marker, in that order. A re-run skips finished videos,
@@ -43,6 +43,7 @@ from affectray.label.pipeline import (
     ClassifyFaces,
     DetectFaces,
     Finisher,
+    LabelFaces,
     StageSettings,
     VideoAssembler,
     decode_videos,
@@ -64,14 +65,16 @@ class LabelConfig:
     chunk_frames: int = 16  # frames per chunk: the unit of work between stages
     detect_max_side: int = 640  # frames are downscaled to this for MTCNN; 320 is ~2.5x faster, misses faces < ~40 px
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from frames of this size
-    detect_every: int = 1  # full MTCNN on every k-th frame, faces followed by R-net + O-net between (k-1 frames late)
+    # MTCNN on the whole of every k-th frame, on the frames between only near its faces: the same
+    # faces at ~2x less CPU, but one entering the picture is found up to k - 1 frames late (1: off).
+    detect_every: int = 4
     min_face_score: float = 0.9
     min_face_size: int = 20
     smooth_window: int = 9  # frames, odd; 1 turns smoothing off
     smooth_method: Literal["mean", "majority"] = "mean"
     frames_fps: float = 30.0  # aligned-frames: the time base (frame folders carry no timestamps)
-    detectors: int | None = None  # MTCNN actors; default: 2 per GPU, else a quarter of the CPUs
-    classifiers: int | None = None  # classifier actors; default: 2 per GPU, else 1
+    detectors: int | None = None  # MTCNN actors; default: 2 per GPU, else a quarter of the CPUs (and they classify)
+    classifiers: int | None = None  # classifier actors with GPUs; default: 2 per GPU (without GPUs: none)
     gpu_fraction: float = 0.25  # of a GPU per actor, when the cluster has GPUs
     timelines: bool = True
     fail_fast: bool = False  # stop at the first video that fails
@@ -135,7 +138,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         timelines=config.timelines,
     )
     run_start = time.perf_counter()
-    new, stopped = _label(config, todo, settings, finisher, progress) if todo else ([], None)
+    new, stopped, startup = _label(config, todo, settings, finisher, progress) if todo else ([], None, 0.0)
     run_seconds = time.perf_counter() - run_start
 
     all_outcomes = _outcomes(config.out, listing)
@@ -151,6 +154,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         "frames": frames,
         "seconds": run_seconds,
         "frames_per_second": frames / run_seconds if run_seconds > 0 else 0.0,
+        "startup_seconds": startup,
         "stage_seconds": {k: stage_seconds[k] for k in ("decode", "detect", "classify", "write") if k in stage_seconds},
         "stage_cpu_seconds": {k: stage_cpu[k] for k in ("decode", "detect", "classify", "write") if k in stage_cpu},
     }
@@ -179,6 +183,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         "frames": frames,
         "faces": sum(int(o.get("faces") or 0) for o in new),
         "frames_per_second": round(run["frames_per_second"], 2),
+        "startup_seconds": round(startup, 2),  # to the first labelled chunk: workers start, actors load models
         "stage_seconds": {k: round(v, 2) for k, v in run["stage_seconds"].items()},
         "stage_cpu_seconds": {k: round(v, 2) for k, v in run["stage_cpu_seconds"].items()},
         "nodes": sorted({node for o in new for node in o.get("nodes") or []}),  # where this run's work ran
@@ -190,12 +195,17 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
 
 def _label(
     config: LabelConfig, todo: list[VideoInput], settings: StageSettings, finisher: Finisher, progress: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Run the pipeline over ``todo``; returns the outcomes of this run and the failure that stopped it (fail-fast)."""
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
+    """Run the pipeline over ``todo``.
+
+    Returns the outcomes of this run, the failure that stopped it (fail-fast) and the
+    seconds until the first labelled chunk came back (start-up: workers, imports, models).
+    """
     import ray
 
     from affectray.runtime import init_ray
 
+    start = time.perf_counter()
     init_ray()  # after listing and loading the checkpoint: bad input fails in a second, not after Ray starts
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.target_max_block_size, ctx.max_errored_blocks)
@@ -204,7 +214,8 @@ def _label(
     ctx.enable_progress_bars, ctx.target_max_block_size, ctx.max_errored_blocks = False, 4 << 20, -1
     try:
         dataset = _build_dataset(config, todo, settings)
-        return _consume(config, dataset, todo, finisher, progress)
+        outcomes, stopped, first = _consume(config, dataset, todo, finisher, progress)
+        return outcomes, stopped, first - start
     finally:
         ctx.enable_progress_bars, ctx.target_max_block_size, ctx.max_errored_blocks = saved
 
@@ -216,19 +227,19 @@ def _build_dataset(config: LabelConfig, todo: list[VideoInput], settings: StageS
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     per_gpu = max(1, int(1 / (2 * config.gpu_fraction)))
     frames_only = all(v.kind == "frames" for v in todo)
-    if gpus:
+    if gpus:  # two pools: MTCNN and the classifier each take GPU fractions and scale apart
         detectors = config.detectors or (1 if frames_only else max(1, int(gpus) * per_gpu))
         classifiers = config.classifiers or max(1, int(gpus) * per_gpu)
-    else:
-        detectors = config.detectors or (1 if frames_only else max(1, int(cpus) // 4))
-        classifiers = config.classifiers or 1
+    else:  # one pool of actors that detect and classify: both stages would share the cores anyway
+        detectors, classifiers = config.detectors or max(1, int(cpus) // 4), 0
     decoders = max(1, min(detectors, len(todo)))
     # Fractional CPUs when the cluster is small, so decode tasks always find a slot beside the actors.
     cpu = min(1.0, cpus / (detectors + classifiers + decoders))
     # Share the node's cores between the CPU actors instead of oversubscribing them.
-    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // (detectors + classifiers))
+    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // detectors)
     gpu = config.gpu_fraction if gpus else 0
-    logger.info("pipeline: %d decode tasks, %d detector and %d classifier actors", decoders, detectors, classifiers)
+    logger.info("pipeline: %d decode tasks, %d detector and %d classifier actors%s", decoders, detectors,
+                classifiers, "" if gpus else " (no GPU: the detector actors classify too)")  # fmt: skip
 
     # Retries are capped (Ray Data retries forever by default): a video that kills its worker every
     # time must end as "lost", not loop. Ray 2.60 takes the cap only as a deprecated remote arg.
@@ -243,6 +254,16 @@ def _build_dataset(config: LabelConfig, todo: list[VideoInput], settings: StageS
             num_cpus=cpu,
             max_retries=1,
         )
+        classify = {"checkpoint": config.checkpoint, "settings": settings, "torch_threads": threads}
+        if not gpus:
+            return dataset.map_batches(
+                LabelFaces,
+                fn_constructor_kwargs=classify,
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=detectors),
+                num_cpus=cpu,
+                max_task_retries=1,
+            )
         dataset = dataset.map_batches(
             DetectFaces,
             fn_constructor_kwargs={"settings": settings, "torch_threads": threads},
@@ -254,7 +275,7 @@ def _build_dataset(config: LabelConfig, todo: list[VideoInput], settings: StageS
         )
         return dataset.map_batches(
             ClassifyFaces,
-            fn_constructor_kwargs={"checkpoint": config.checkpoint, "settings": settings, "torch_threads": threads},
+            fn_constructor_kwargs=classify,
             batch_size=max(1, math.ceil(config.batch_size / settings.chunk_frames)),
             compute=ray.data.ActorPoolStrategy(size=classifiers),
             num_cpus=cpu,
@@ -265,8 +286,12 @@ def _build_dataset(config: LabelConfig, todo: list[VideoInput], settings: StageS
 
 def _consume(
     config: LabelConfig, dataset, todo: list[VideoInput], finisher: Finisher, progress: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Gather rows per video on the driver; finished videos are written by two threads while rows keep coming."""
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
+    """Gather rows per video on the driver; finished videos are written by two threads while rows keep coming.
+
+    Returns the outcomes, the failure that stopped the run (fail-fast) and when (perf_counter)
+    the first chunk arrived.
+    """
     from tqdm import tqdm
 
     by_key = {v.key: v for v in todo}
@@ -275,6 +300,7 @@ def _consume(
     stopped: dict[str, Any] | None = None
     frames = 0
     start = time.perf_counter()
+    first = 0.0
     bar = tqdm(total=len(todo), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
     def collect(futures: set[Future], block: bool) -> set[Future]:
@@ -296,6 +322,7 @@ def _consume(
             key, part = str(row["key"]), int(row["part"])
             complete = assembler.add(key, part, row["payload"])
             if part != END:
+                first = first or time.perf_counter()
                 frames += assembler.last_frames
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.1f}", refresh=False)
@@ -315,7 +342,7 @@ def _consume(
             outcomes.append(finisher.lost(by_key[key]))
             bar.update(1)
     bar.close()
-    return outcomes, stopped
+    return outcomes, stopped, first or time.perf_counter()
 
 
 def _check_job(config: LabelConfig, model_id: str, classes: tuple[str, ...]) -> None:
@@ -399,16 +426,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--chunk-frames", type=int, default=16, help="frames per unit of work between stages (default 16)")
     add("--detect-max-side", type=int, default=640,
         help="frames are shrunk to this for MTCNN (default 640; 320: ~2x faster, misses faces under ~40 px)")  # fmt: skip
-    add("--detect-every", type=int, default=1,
-        help="full MTCNN on every k-th frame, faces followed by its last two stages between: "
-             "several times cheaper on CPU, a new face is found up to k-1 frames late (default 1)")  # fmt: skip
+    add("--detect-every", type=int, default=4,
+        help="MTCNN on the whole of every k-th frame, between them only near the faces it found: "
+             "the same faces for ~2x less CPU, but a face entering the picture is found up to k-1 "
+             "frames late (default 4; 1: the whole of every frame)")  # fmt: skip
     add("--decode-max-side", type=int, default=1280, help="decode 4K down to this (default 1280)")
     add("--min-face-score", type=float, default=0.9, help="MTCNN probability a face needs (default 0.9)")
     add("--smooth-window", type=int, default=9, help="frames in the per-track smoothing window, odd (default 9; 1: off)")
     add("--smooth-method", choices=("mean", "majority"), default="mean")
     add("--fps", type=float, default=30.0, help="aligned-frames: frames per second for timestamps (default 30)")
-    add("--detectors", type=int, help="MTCNN actors (default: 2 per GPU, else a quarter of the CPUs)")
-    add("--classifiers", type=int, help="classifier actors (default: 2 per GPU, else 1)")
+    add("--detectors", type=int,
+        help="MTCNN actors (default: 2 per GPU; without GPUs a quarter of the CPUs, and they classify too)")  # fmt: skip
+    add("--classifiers", type=int, help="classifier actors on clusters with GPUs (default: 2 per GPU)")
     add("--gpu-fraction", type=float, default=0.25, help="GPU share per actor when there are GPUs (default 0.25)")
     add("--no-timelines", action="store_true", help="skip the per-video timeline PNGs")
     add("--fail-fast", action="store_true", help="stop at the first video that fails (exit 2)")

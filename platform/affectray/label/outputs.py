@@ -351,7 +351,8 @@ td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-ali
 <table><tr><th>video</th><th>status</th><th>reason</th><th>error</th></tr>{failure_rows}</table>
 <h2>Throughput (this run)</h2>
 <p>{run['videos']} videos, {run['frames']} frames in {run['seconds']:.1f} s: <b>{run['frames_per_second']:.1f} frames/s</b>
-({run['skipped']} videos skipped as already labelled).</p>
+({run['skipped']} videos skipped as already labelled); the first labelled frames came back after
+{run.get('startup_seconds', 0):.1f} s (start-up: workers start, actors import torch and load the models).</p>
 <table><tr><th>stage</th><th>worker seconds</th><th>frames/s per worker</th></tr>{stage_rows}</table>
 <h2>Videos</h2>
 <table><tr><th>video</th><th>status</th><th>frames</th><th>faces</th><th>tracks</th><th>top label</th><th>files</th></tr>{video_rows}</table>
