@@ -29,7 +29,15 @@ from affectray.data.sources import SourceError
 from affectray.label import outputs
 from affectray.label.inputs import list_inputs, video_key
 from affectray.label.job import LabelConfig, run_label
-from affectray.label.pipeline import ClassifyFaces, StageSettings, _with_halo
+from affectray.label.pipeline import (
+    ClassifyFaces,
+    DetectFaces,
+    LabelFaces,
+    StageSettings,
+    _row,
+    _video_chunks,
+    _with_halo,
+)
 from affectray.labels import ABAW8
 from affectray.models.inference import load_classifier
 from affectray.models.registry import create_model
@@ -196,6 +204,22 @@ def test_window_classifier_over_chunks_equals_the_whole_track(tmp_path):
         probs.append(out["probs"])
     whole = load_classifier(ckpt).predict_track(track)
     np.testing.assert_allclose(np.concatenate(probs), whole, atol=1e-5)
+
+
+def test_detector_then_classifier_actors_give_the_rows_one_labelling_actor_gives(real_video, checkpoint):
+    """With GPUs the stages run as two actor pools, without as one: the same rows either way."""
+    import pickle
+
+    settings = StageSettings(image_size=SIZE, chunk_frames=8, detect_every=4)
+    video = list_inputs(str(real_video)).videos[0]
+    rows = [_row(video.key, part, payload) for part, payload in _video_chunks(video, settings)][:2]
+    two = [ClassifyFaces(checkpoint, settings, 1)(DetectFaces(settings, 1)(row)) for row in rows]
+    one = [LabelFaces(checkpoint, settings, 1)(row) for row in rows]
+    for a, b in zip(two, one):
+        a, b = pickle.loads(a["payload"][0]), pickle.loads(b["payload"][0])
+        assert "crops" not in a and len(a["probs"]) == len(a["frame_index"]) == 8  # one face per frame
+        for name in ("frame_index", "face_count", "boxes", "landmarks", "probs"):
+            np.testing.assert_allclose(a[name], b[name], atol=1e-5)
 
 
 def test_label_table_has_a_row_per_frame_and_face():
