@@ -9,14 +9,14 @@ frames, labelled without detection). OUT is a local dir or s3:// prefix.
 
 Videos stream through decode tasks in chunks of frames, MTCNN and alignment in
 one actor pool and the checkpoint's classifier in another, each actor with a GPU
-fraction (on a cluster without GPUs, one pool of actors does both); the driver assembles each video, links faces
-into tracks, smooths predictions per track and writes OUT/labels/<key>.parquet
-(one row per frame and face; a frame with no face has one row with face_count 0),
-a timeline PNG and a done marker, in that order. A re-run skips finished videos,
-and a run killed halfway and started again ends with exactly one complete file
-per video. Bad inputs (empty, corrupt, truncated, not a video, unsupported
-codec) are recorded as failed with the reason and the job goes on; it ends with
-OUT/videos.parquet, OUT/report.html and a JSON summary.
+fraction (on a cluster without GPUs, one pool of actors does both); the driver
+assembles each video, links faces into tracks, smooths predictions per track and
+writes OUT/labels/<key>.parquet (one row per frame and face; a frame with no face
+has one row with face_count 0), a timeline PNG and a done marker, in that order.
+A re-run skips finished videos, and a run killed halfway and started again ends
+with exactly one complete file per video. Bad inputs (empty, corrupt, truncated,
+not a video, unsupported codec) are recorded as failed with the reason and the
+job goes on; it ends with OUT/videos.parquet, OUT/report.html and a JSON summary.
 """
 
 from __future__ import annotations
