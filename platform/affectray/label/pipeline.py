@@ -425,7 +425,8 @@ class LabelFaces:
 
 def _unpacked(batch: dict[str, np.ndarray]) -> dict[int, dict[str, Any]]:
     """The chunks of a batch of rows, by row; end rows pass through the stages untouched."""
-    return {i: pickle.loads(payload) for i, (part, payload) in enumerate(zip(batch["part"], batch["payload"])) if part != END}
+    rows = enumerate(zip(batch["part"], batch["payload"]))
+    return {i: pickle.loads(payload) for i, (part, payload) in rows if part != END}
 
 
 def _packed(batch: dict[str, np.ndarray], chunks: dict[int, dict[str, Any]]) -> dict[str, np.ndarray]:
