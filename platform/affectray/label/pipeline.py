@@ -51,7 +51,7 @@ class StageSettings:
     halo: int = 0  # extra frames on each side of a chunk, for window classifiers
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from these frames
     detect_max_side: int = 640  # frames are downscaled to this for MTCNN
-    detect_every: int = 1  # MTCNN on the whole of every k-th frame of a chunk, between only near its faces
+    detect_every: int = 4  # MTCNN on the whole of every k-th frame of a chunk, between only near its faces (as the job)
     min_face_score: float = 0.9
     min_face_size: int = 20
     frames_fps: float = 30.0  # time base of frame folders, which carry no timestamps
