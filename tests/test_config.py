@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
 import yaml
+
+from affectray import config
 
 from affectray.config import (
     ConfigError,
@@ -319,3 +324,55 @@ def test_yaml_yes_and_no_reach_a_string_choice_as_words():
     assert config_from_dict(Gpu, {"use_gpu": False}).use_gpu == "no"
     with pytest.raises(ConfigError, match="use_gpu"):
         config_from_dict(Gpu, {"use_gpu": 1})
+
+
+# --------------------------------------------------------------------------- locations
+
+
+@dataclasses.dataclass
+class _Run:
+    storage: str = config.location("runs")
+    name: str = "run"
+
+
+@dataclasses.dataclass
+class _Job:
+    base: str = config.location("", shipped=True)
+    data: str = config.location("")
+    inputs: list[str] = config.location(default_factory=list)
+    run: _Run = dataclasses.field(default_factory=_Run)
+
+
+def test_locations_become_absolute_on_the_driver_and_uris_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.resolve_locations(
+        _Job(base="jobs/x.yaml", data="s3://bucket/shards", inputs=["a.mp4", "builtin:fer", "file:///v.mp4"])
+    )
+    assert cfg.base == str(tmp_path / "jobs" / "x.yaml")
+    assert cfg.data == "s3://bucket/shards"
+    assert cfg.inputs == [str(tmp_path / "a.mp4"), "builtin:fer", "file:///v.mp4"]
+    assert cfg.run.storage == str(tmp_path / "runs") and cfg.run.name == "run"
+    assert config.resolve_location("~/x") == os.path.expanduser("~/x")
+    assert config.resolve_location("") == ""
+
+
+def test_in_a_ray_job_package_data_and_outputs_go_under_affectray_home(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in a temporary copy that Ray deletes."""
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc123"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    monkeypatch.setenv(config.JOB_HOME_ENV, str(tmp_path / "home"))
+    assert config.in_ray_job_package()
+    cfg = config.resolve_locations(_Job(base="jobs/x.yaml", data="demo-output/shards"))
+    assert cfg.base == str(package / "jobs" / "x.yaml")  # shipped with the job: read from the package
+    assert cfg.data == str(tmp_path / "home" / "demo-output" / "shards")
+    assert cfg.run.storage == str(tmp_path / "home" / "runs")
+    monkeypatch.delenv(config.JOB_HOME_ENV)
+    assert config.job_home() == Path("~/affectray").expanduser()
+
+
+def test_config_from_args_resolves_locations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = config.add_config_arguments(argparse.ArgumentParser())
+    cfg = config.config_from_args(_Job, parser.parse_args(["--set", "data=shards", "--set", "run.storage=s3://b/r"]))
+    assert cfg.data == str(tmp_path / "shards") and cfg.run.storage == "s3://b/r"

@@ -40,6 +40,9 @@ __all__ = [
     "print_config",
     "save_config",
     "update_config",
+    "location",
+    "resolve_location",
+    "resolve_locations",
 ]
 
 T = TypeVar("T")
@@ -442,5 +445,91 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The config that ``--config`` and ``--set`` describe."""
-    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or ())
+    """The config that ``--config`` and ``--set`` describe, its local paths made absolute."""
+    config = load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or ())
+    return resolve_locations(config)
+
+
+# ---------------------------------------------------------------------------
+# Locations: local paths become absolute on the driver, before Ray sees them
+# ---------------------------------------------------------------------------
+
+# Field metadata of a value that names a storage location (local path or URI). Ray tasks,
+# actors, Train workers and Tune trials run in directories of their own, so every local
+# path is made absolute once, on the driver (`resolve_locations`), and nothing inside Ray
+# depends on a working directory.
+_LOCATION_KEY = "affectray_location"
+
+# Under `ray job submit --working-dir`, the driver runs inside Ray's temporary copy of the
+# working directory, which Ray deletes: a relative data or output location lands there
+# under this folder of the user's home instead (like Ray Train's ~/ray_results), or
+# under $AFFECTRAY_HOME.
+JOB_HOME_ENV = "AFFECTRAY_HOME"
+DEFAULT_JOB_HOME = "~/affectray"
+
+
+def location(default: Any = dataclasses.MISSING, *, shipped: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field that names a storage location: made absolute by ``resolve_locations``.
+
+    ``shipped=True`` marks a file that travels with the job's code (a config YAML):
+    relative to the working directory even inside a Ray job's package. Every other
+    location is data or output, which must outlive the job.
+    """
+    kind = "shipped" if shipped else "data"
+    return dataclasses.field(default=default, metadata={_LOCATION_KEY: kind}, **kwargs)
+
+
+def is_uri(value: str) -> bool:
+    """``s3://…``, ``file://…``, ``builtin:name``: anything with a scheme (not a path)."""
+    scheme, sep, _ = value.partition(":")
+    return bool(sep) and len(scheme) > 1 and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) is not None
+
+
+def in_ray_job_package(cwd: str | os.PathLike | None = None) -> bool:
+    """Whether this process runs inside the package ``ray job submit --working-dir`` unpacked."""
+    parts = Path(cwd or os.getcwd()).parts
+    return "working_dir_files" in parts or any(part.startswith("_ray_pkg_") for part in parts)
+
+
+def job_home() -> Path:
+    """Where relative data and output locations go when the driver runs in a Ray job's package."""
+    return Path(os.environ.get(JOB_HOME_ENV) or DEFAULT_JOB_HOME).expanduser().resolve()
+
+
+def resolve_location(value: str, *, shipped: bool = False) -> str:
+    """``value`` as an absolute local path, or unchanged when it is a URI or empty.
+
+    Relative data and output locations resolve against the working directory, except in
+    the temporary package of a ``ray job submit --working-dir`` driver, where they resolve
+    under ``job_home()`` so that what the job writes outlives it.
+    """
+    if not value or is_uri(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        base = job_home() if not shipped and in_ray_job_package() else Path.cwd()
+        path = base / path
+    return os.path.normpath(path)
+
+
+def resolve_locations(cfg: T) -> T:
+    """A copy of a config with every location field resolved (``resolve_location``), at any depth."""
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        return cfg
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        kind = f.metadata.get(_LOCATION_KEY)
+        if kind is not None:
+            shipped = kind == "shipped"
+            if isinstance(value, str):
+                changes[f.name] = resolve_location(value, shipped=shipped)
+            elif isinstance(value, (list, tuple)):
+                changes[f.name] = type(value)(
+                    resolve_location(v, shipped=shipped) if isinstance(v, str) else v for v in value
+                )
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = resolve_locations(value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from affectray import storage
-from affectray.config import ConfigError
+from affectray.config import ConfigError, config_to_dict, location
 
 logger = logging.getLogger("affectray.tune")
 
@@ -49,7 +49,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 @dataclass
 class SearchConfig:
     name: str = "sweep"
-    storage: str = "runs/sweeps"  # local dir or s3:// prefix; the sweep lives at <storage>/<name>
+    storage: str = location("runs/sweeps")  # local dir or s3:// prefix; the sweep lives at <storage>/<name>
     num_samples: int = 8
     max_concurrent_trials: int = 2
     metric: str = "val_f1_macro"  # any validation metric the finetune loop reports
@@ -66,7 +66,7 @@ class SearchConfig:
 
 @dataclass
 class TuneConfig:
-    base: str = ""  # a finetune config YAML (path or URI); required
+    base: str = location("", shipped=True)  # a finetune config YAML (path or URI); required
     overrides: list[str] = field(default_factory=list)  # dotted overrides on the base, before the space
     space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -104,19 +104,24 @@ def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return domains
 
 
-def trial_config(base: str, overrides: list[str], params: dict[str, Any]):
-    """The finetune config of one trial: base YAML, then overrides, then the sampled values."""
-    from affectray.config import load_config
+def base_config(config: TuneConfig):
+    """The finetune config every trial starts from: the base YAML and the overrides, read once on
+    the driver with its local paths made absolute (trials run in directories of their own)."""
+    from affectray.config import load_config, resolve_locations
     from affectray.train.finetune import FinetuneConfig
 
-    sampled = [f"{key}={_yaml_value(value)}" for key, value in params.items()]
-    return load_config(FinetuneConfig, base, [*overrides, *sampled])
+    return resolve_locations(load_config(FinetuneConfig, config.base, config.overrides))
 
 
-def _yaml_value(value: Any) -> str:
-    import yaml
+def trial_config(base: Any, params: dict[str, Any]):
+    """The finetune config of one trial: the base config (or its plain dict) with the sampled values."""
+    from affectray.config import config_from_dict, update_config
+    from affectray.train.finetune import FinetuneConfig
 
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if isinstance(base, dict):
+        base = config_from_dict(FinetuneConfig, base)
+    # Samplers may hand numpy scalars; the config checks plain Python types.
+    return update_config(base, {key: getattr(value, "item", lambda v=value: v)() for key, value in params.items()})
 
 
 def _trainable(params: dict[str, Any]) -> None:
@@ -128,7 +133,7 @@ def _trainable(params: dict[str, Any]) -> None:
     from affectray.train.finetune import run_finetune
 
     setup = params.pop("__affectray__")
-    config = trial_config(setup["base"], setup["overrides"], params)
+    config = trial_config(setup["base"], params)
     trial_id = ray.tune.get_context().get_trial_id()
     # A stable run per trial: a trial resumed after a crash continues its own Ray Train run.
     run = dataclasses.replace(config.run, name=f"trial-{trial_id}", storage=setup["trials_storage"])
@@ -184,14 +189,13 @@ def run_tune(config: TuneConfig, *, resume: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     search = config.search
     sweep_uri = storage.join(search.storage, search.name)
-    base_config = trial_config(config.base, config.overrides, {})  # a bad base fails here, not in every trial
+    base = base_config(config)  # a bad base fails here, not in every trial
     domains = search_space(config.space)
     for key in domains:  # every key must be a setting of the finetune config
-        trial_config(config.base, config.overrides, {key: _probe_value(config.space[key])})
+        trial_config(base, {key: _probe_value(config.space[key])})
     fs, path = storage.pyarrow_filesystem(search.storage)
     setup = {
-        "base": config.base,
-        "overrides": list(config.overrides),
+        "base": config_to_dict(base),
         "trials_storage": storage.join(sweep_uri, "trials"),
         "metric": search.metric,
     }
@@ -215,7 +219,7 @@ def run_tune(config: TuneConfig, *, resume: bool = False) -> dict[str, Any]:
                 search_alg=_searcher(config),
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
-                    max_t=max(1, base_config.train.epochs),
+                    max_t=max(1, base.train.epochs),
                     grace_period=search.grace_period,
                     reduction_factor=search.reduction_factor,
                 ),
@@ -259,7 +263,7 @@ def summarise(config: TuneConfig, results, sweep_uri: str, start: float) -> dict
     best = results.get_best_result(metric=search.metric, mode=search.mode, scope="all", filter_nan_and_inf=True)
     best_params = {k: v for k, v in best.config.items() if k != "__affectray__"}
     best_value = _best_value(best, search.metric, search.mode)
-    best_config = trial_config(config.base, config.overrides, best_params)
+    best_config = trial_config(base_config(config), best_params)
     best_config_uri = storage.join(sweep_uri, "best_config.yaml")
     storage.write_text(
         best_config_uri,

@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from affectray import storage
+from affectray.config import location
 from affectray.data import shards
 from affectray.data.faces import decode_jpeg
 
@@ -83,7 +84,7 @@ class LoaderError(ValueError):
 class DataConfig:
     """What the training pipeline reads and how it turns segments into samples."""
 
-    root: str = ""  # shard root (local dir or s3:// prefix); required in practice
+    root: str = location("")  # shard root (local dir or s3:// prefix); required in practice
     mode: Literal["clip", "frame"] = "clip"  # clip = T-frame windows, frame = single frames
     num_frames: int = 16  # T (clip mode)
     frame_stride: int = 4  # temporal stride between sampled frames (clip mode)
@@ -110,6 +111,10 @@ class DataConfig:
     seed: int = 0
     segments_per_batch: int = 8  # segments per Ray Data task call (a frame-mode segment gives many rows)
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer; 0 = 4 x batch size
+    # Shards are checked against the manifest's record before they are read: "size" compares
+    # every shard's size (from the listing, free); "sha256" also hashes each one on the driver
+    # (reads the corpus once more: for audits and suspect storage).
+    verify: Literal["size", "sha256"] = "size"
 
     @property
     def span(self) -> int:
@@ -472,9 +477,10 @@ def _columns(cfg: DataConfig, *, pixels: bool = True) -> list[str]:
     return columns
 
 
-def _shard_paths(root: str) -> tuple[Any, list[str]]:
-    """The pyarrow filesystem of ``root`` and its shard files as paths inside it."""
-    uris = shards.list_shards(root)
+def _shard_paths(cfg: DataConfig) -> tuple[Any, list[str]]:
+    """The pyarrow filesystem of the shard root and its shard files (verified) as paths inside it."""
+    root = cfg.root
+    uris = shards.list_shards(root, verify="sha256" if cfg.verify == "sha256" else True)
     if not uris:
         raise LoaderError(f"no shards under {storage.join(root, shards.SHARDS_DIR)!r}: run `affectray ingest` first")
     shards_uri = storage.join(root, shards.SHARDS_DIR)
@@ -495,7 +501,7 @@ def build_dataset(cfg: DataConfig, *, train: bool, holdout: bool = False) -> ray
     validate(cfg)
     if holdout and cfg.val_fraction <= 0.0:
         raise LoaderError("data.val_fraction=0.0: there are no held-out videos to read (set it above 0)")
-    fs, paths = _shard_paths(cfg.root)
+    fs, paths = _shard_paths(cfg)
     ds = ray.data.read_parquet(
         paths,
         filesystem=fs,
@@ -525,7 +531,7 @@ def _scan(cfg: DataConfig, holdout: bool) -> pa.Table:
     import pyarrow.dataset as pads
 
     validate(cfg)
-    fs, paths = _shard_paths(cfg.root)
+    fs, paths = _shard_paths(cfg)
     columns = sorted(set(_columns(cfg, pixels=False)) | {"labels", "clip_label"})
     table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
     return select_segments(table, split=cfg.split, val_fraction=cfg.val_fraction, holdout=holdout)

@@ -118,4 +118,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return combine_cascade(args.coarse, args.negative, args.out)
+    from affectray.config import resolve_location
+
+    return combine_cascade(*(resolve_location(uri) for uri in (args.coarse, args.negative, args.out)))

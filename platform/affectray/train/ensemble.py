@@ -41,4 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return combine_ensemble(args.members, args.out, args.weights)
+    from affectray.config import resolve_location
+
+    return combine_ensemble([resolve_location(m) for m in args.members], resolve_location(args.out), args.weights)

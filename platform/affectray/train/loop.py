@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Protocol
 
 from affectray import storage
+from affectray.config import location
 from affectray.train import checkpoint as ckpt
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    storage: str = "runs"  # local dir or s3:// prefix; the run lives at <storage>/<name>
+    storage: str = location("runs")  # local dir or s3:// prefix; the run lives at <storage>/<name>
     num_workers: int = 1
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cpus_per_worker: float = 1.0
