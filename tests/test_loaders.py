@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from affectray.data import shards
+from affectray.data import loaders, shards
 from affectray.data.faces import encode_jpeg
 from affectray.data.loaders import (
     DataConfig,
@@ -328,3 +329,35 @@ def test_streaming_split_and_batch_iterators(ray_session, corpus):
     assert len(batches) == total // 4  # the incomplete last batch is dropped
     inputs, targets = batches[0]
     assert inputs.shape == (4, 3, 4, SIZE, SIZE) and targets.dtype == torch.int64 and (targets >= 0).all()
+
+
+def test_shards_are_checked_against_the_manifest_before_they_are_read(tmp_path):
+    """A shard whose bytes differ from what ingest recorded is refused by name; hand-made roots pass."""
+    root = write_corpus(str(tmp_path / "corpus"))
+    cfg = DataConfig(root=root, **BASE)
+    assert len(loaders._shard_paths(cfg)[1]) == 4  # no manifest: written by hand, not checked
+
+    record = []
+    for uri in shards.list_shards(root):
+        data = open(uri, "rb").read()
+        name = f"{shards.SHARDS_DIR}/{uri.rsplit('/', 1)[-1]}"
+        record.append({"file": name, "rows": 2, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    (tmp_path / "corpus" / shards.MANIFEST_NAME).write_text(json.dumps({"shards": record}))
+    assert len(loaders._shard_paths(dataclasses.replace(cfg, verify="sha256"))[1]) == 4
+
+    victim = tmp_path / "corpus" / "shards" / "video2.parquet"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF  # same size, one byte flipped: only the checksum sees it
+    victim.write_bytes(bytes(data))
+    assert len(loaders._shard_paths(cfg)[1]) == 4
+    with pytest.raises(shards.ShardIntegrityError, match="video2.parquet.*sha256"):
+        loaders._shard_paths(dataclasses.replace(cfg, verify="sha256"))
+
+    victim.write_bytes(bytes(data[:-10]))  # truncated
+    with pytest.raises(shards.ShardIntegrityError, match="video2.parquet.*bytes"):
+        loaders._shard_paths(cfg)
+
+    (tmp_path / "corpus" / "shards" / "stray.parquet").write_bytes(b"x")
+    victim.write_bytes(bytes(data[:-10]) + bytes(10))
+    with pytest.raises(shards.ShardIntegrityError, match="stray.parquet.*not in"):
+        loaders._shard_paths(cfg)

@@ -211,24 +211,29 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     ``suffixes`` filters by file-name ending, case-insensitively (".mp4", ".jpg").
     A missing root is an error; an empty one gives an empty list.
     """
+    return sorted(file_sizes(uri, suffixes))
+
+
+def file_sizes(uri: str, suffixes: tuple[str, ...] | None = None) -> dict[str, int]:
+    """``list_files``'s files with their sizes in bytes, from the one listing."""
     fs, root = get_filesystem(uri)
     try:
         if not fs.exists(root):
             raise FileNotFoundError(root)
-        found = fs.find(root, detail=False)
+        found = fs.find(root, detail=True)
     except Exception as error:  # noqa: BLE001
         raise _translate(uri, error) from None
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-    out = []
-    for path in found:
+    out = {}
+    for path, info in found.items():
         rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
         if not rel:  # uri names a single file
-            out.append(os.fspath(uri))
+            out[os.fspath(uri)] = int(info.get("size") or 0)
             continue
         if wanted and not rel.lower().endswith(wanted):
             continue
-        out.append(join(uri, *rel.split("/")))
-    return sorted(out)
+        out[join(uri, *rel.split("/"))] = int(info.get("size") or 0)
+    return out
 
 
 def read_bytes(uri: str) -> bytes:

@@ -137,12 +137,51 @@ def write_shard(root: str, key: str, table: pa.Table) -> dict[str, Any]:
     }
 
 
-def list_shards(root: str) -> list[str]:
-    """The shard files under a root, sorted (an empty list if there are none yet)."""
+def list_shards(root: str, *, verify: bool | str = False) -> list[str]:
+    """The shard files under a root, sorted (an empty list if there are none yet).
+
+    ``verify`` checks them against the manifest's per-shard record (``verify_shards``):
+    True for the sizes (from the listing: free), ``"sha256"`` to read and hash each one too.
+    """
     shards = storage.join(root, SHARDS_DIR)
     if not storage.exists(shards):
         return []
-    return storage.list_files(shards, suffixes=(".parquet",))
+    sizes = storage.file_sizes(shards, suffixes=(".parquet",))
+    if verify:
+        verify_shards(root, sizes, checksums=verify == "sha256")
+    return sorted(sizes)
+
+
+class ShardIntegrityError(storage.StorageError):
+    """A shard that is not the one the manifest describes (truncated, replaced, foreign)."""
+
+
+def verify_shards(root: str, sizes: dict[str, int], *, checksums: bool = False) -> None:
+    """Check shard files (URI -> size) against the manifest's record of what ingest wrote.
+
+    A root without a manifest, or a manifest without a shard record, is not checked:
+    shards written by hand are allowed. A mismatch names the shard and what differs.
+    """
+    manifest_uri = storage.join(root, MANIFEST_NAME)
+    if not storage.exists(manifest_uri):
+        return
+    record = {entry["file"]: entry for entry in storage.read_json(manifest_uri).get("shards") or []}
+    if not record:
+        return
+    prefix = storage.join(root, SHARDS_DIR)
+    for uri, size in sorted(sizes.items()):
+        name = f"{SHARDS_DIR}/{uri[len(prefix):].replace(chr(92), '/').lstrip('/')}"
+        entry = record.get(name)
+        if entry is None:
+            raise ShardIntegrityError(
+                f"shard {uri!r} is not in {manifest_uri!r}: re-run `affectray ingest` into {root!r} to rebuild it"
+            )
+        if size != entry["bytes"]:
+            raise ShardIntegrityError(
+                f"shard {uri!r} has {size} bytes, the manifest says {entry['bytes']}: truncated or replaced"
+            )
+        if checksums and hashlib.sha256(storage.read_bytes(uri)).hexdigest() != entry["sha256"]:
+            raise ShardIntegrityError(f"shard {uri!r} does not match its sha256 in {manifest_uri!r}: corrupted")
 
 
 def read_manifest(root: str) -> dict[str, Any]:
