@@ -1,8 +1,10 @@
 """Ingest a video or frame corpus into aligned-face segment shards (a Ray job).
 
     ray job submit --working-dir . -- python jobs/ingest.py SOURCE OUT --layout videos
+    python jobs/ingest.py --config jobs/configs/ingest-smoke.yaml --set min_face_score=0.8
 
-Same arguments as `affectray ingest`; run with --help for them all.
+Same arguments as `affectray ingest`: --config YAML, --set key=value, and flags as shorthand
+for single keys; run with --help for them all.
 """
 
 import argparse

@@ -1,8 +1,10 @@
 """Label a video corpus with a classifier checkpoint (a Ray job): one Parquet per video, resumable.
 
     ray job submit --working-dir . -- python jobs/label_videos.py VIDEOS OUT --checkpoint URI
+    python jobs/label_videos.py --config jobs/configs/label-smoke.yaml --set min_face_size=40
 
-Same arguments as `affectray label`; run with --help for them all.
+Same arguments as `affectray label`: --config YAML, --set key=value, and flags as shorthand
+for single keys; run with --help for them all.
 """
 
 import argparse

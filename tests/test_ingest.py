@@ -1,7 +1,8 @@
-"""End-to-end ingest on a real local Ray: frame folders, real videos with MTCNN, S3, bad inputs."""
+"""End-to-end ingest on a real local Ray: frame folders, real videos with MTCNN, S3, bad inputs; its config (fast)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -12,14 +13,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from affectray import config as config_lib
 from affectray import storage
-from affectray.data import shards
+from affectray.config import ConfigError
+from affectray.data import ingest, shards
 from affectray.data.annotations import parse_expr_annotation
 from affectray.data.faces import decode_jpeg
 from affectray.data.ingest import IngestConfig, run_ingest
+from affectray.data.sources import SourceError
 from tests.conftest import REPO_ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def _read_rows(root: str) -> pd.DataFrame:
@@ -33,6 +35,7 @@ def _read_rows(root: str) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
+@pytest.mark.slow
 def test_aligned_frames_with_annotations_and_rerun(ray_session, sample_corpus, tmp_path):
     out = str(tmp_path / "shards out")
     config = IngestConfig(
@@ -72,6 +75,7 @@ def test_aligned_frames_with_annotations_and_rerun(ray_session, sample_corpus, t
     assert shards.read_manifest(out)["shards"] == manifest["shards"]
 
 
+@pytest.mark.slow
 def test_videos_on_s3_with_bad_inputs(ray_session, s3_bucket, real_video, tmp_path):
     """Real faces are found and aligned; broken inputs are reported and the rest goes on."""
     src = tmp_path / "videos"
@@ -115,6 +119,7 @@ def test_videos_on_s3_with_bad_inputs(ray_session, s3_bucket, real_video, tmp_pa
     assert len(frame) == shard["rows"]
 
 
+@pytest.mark.slow
 def test_image_folder_by_number_and_by_name(ray_session, tmp_path):
     import cv2
 
@@ -139,6 +144,7 @@ def test_image_folder_by_number_and_by_name(ray_session, tmp_path):
     assert shards.read_manifest(out)["class_mapping"]["4"] == "Happiness"
 
 
+@pytest.mark.slow
 def test_dfew_csv_refuses_traversal(ray_session, sample_corpus, tmp_path):
     src = tmp_path / "dfew"
     shutil.copytree(sample_corpus / "aligned" / "synth_000", src / "clips" / "0001")
@@ -157,6 +163,7 @@ def test_dfew_csv_refuses_traversal(ray_session, sample_corpus, tmp_path):
     assert dict(zip(rows.video_id, rows.clip_label)) == {"clips/0001": 4, "clips/0002": 6}
 
 
+@pytest.mark.slow
 def test_job_script_help_and_bad_source(tmp_path):
     script = REPO_ROOT / "jobs" / "ingest.py"
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
@@ -167,4 +174,67 @@ def test_job_script_help_and_bad_source(tmp_path):
     assert missing.returncode != 0
     assert "nope" in missing.stderr and "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Config: YAML, --set and flags through one loader (no Ray)
+# ---------------------------------------------------------------------------
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    ingest.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def ingest_yaml(tmp_path):
+    path = tmp_path / "ingest.yaml"
+    path.write_text(
+        "source: corpus/aligned\nout: shards\nlayout: aligned-frames\nimage_size: 64\nmin_face_size: 30\n"
+    )
+    return str(path)
+
+
+def test_yaml_and_set_reach_fields_without_a_flag(ingest_yaml, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _args("--config", ingest_yaml, "--set", "min_face_score=0.8", "--set", "jpeg_quality=75")
+    config = ingest.config_from_args(args)
+    assert (config.min_face_score, config.jpeg_quality, config.min_face_size) == (0.8, 75, 30)
+    assert (config.layout, config.image_size) == ("aligned-frames", 64)
+    assert config.segment_length == IngestConfig.segment_length
+    # SOURCE and OUT came from the YAML; relative locations are made absolute on the driver.
+    assert (config.source, config.out) == (str(tmp_path / "corpus" / "aligned"), str(tmp_path / "shards"))
+    assert config.annotations is None
+
+
+def test_flags_win_over_yaml_and_set(ingest_yaml, tmp_path):
+    args = _args(str(tmp_path / "src"), "s3://bucket/shards", "--config", ingest_yaml, "--set", "image_size=96",
+                 "--image-size", "112", "--layout", "videos", "--all-faces")  # fmt: skip
+    config = ingest.config_from_args(args)
+    assert (config.source, config.out) == (str(tmp_path / "src"), "s3://bucket/shards")  # a URI stays as it is
+    assert (config.image_size, config.layout, config.all_faces) == (112, "videos", True)
+    assert config.min_face_size == 30  # what no flag names keeps the YAML's value
+    # Flags left out keep the dataclass defaults, which live in IngestConfig alone.
+    plain = ingest.config_from_args(_args("src", "out"))
+    assert config_lib.config_to_dict(plain) == config_lib.config_to_dict(
+        config_lib.resolve_locations(IngestConfig(source="src", out="out"))
+    )
+
+
+def test_unknown_set_key_and_missing_source_name_the_key(ingest_yaml):
+    with pytest.raises(ConfigError, match="unknown key: min_face_scor.*did you mean min_face_score"):
+        ingest.config_from_args(_args("--config", ingest_yaml, "--set", "min_face_scor=0.8"))
+    with pytest.raises(ConfigError, match="missing required value: out"):
+        ingest.config_from_args(_args("only-source"))
+    with pytest.raises(ConfigError, match="jpeg_quality: expected int"):
+        ingest.config_from_args(_args("a", "b", "--set", "jpeg_quality=high"))
+
+
+def test_main_prints_the_resolved_config_before_it_fails(tmp_path, capsys):
+    with pytest.raises(SourceError, match="nope"):
+        ingest.main(_args(str(tmp_path / "nope"), str(tmp_path / "out"), "--set", "min_face_score=0.7"))
+    printed = capsys.readouterr().out
+    assert printed.startswith("resolved config:") and "min_face_score: 0.7" in printed
     assert not (tmp_path / "out").exists()

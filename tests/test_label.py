@@ -7,6 +7,7 @@ server, and a real killed driver process for the resume test.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -24,9 +25,10 @@ import pytest
 import torch
 
 from affectray import storage
+from affectray.config import ConfigError
 from affectray.data.annotations import parse_expr_annotation
 from affectray.data.sources import SourceError
-from affectray.label import outputs
+from affectray.label import job, outputs
 from affectray.label.inputs import list_inputs, video_key
 from affectray.label.job import LabelConfig, run_label
 from affectray.label.pipeline import (
@@ -491,3 +493,59 @@ def test_job_script_help_and_bad_inputs_exit_2_without_traceback(tmp_path, check
         run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
         assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Config: YAML, --set and flags through one loader (no Ray)
+# ---------------------------------------------------------------------------
+
+
+def _label_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def label_yaml(tmp_path):
+    path = tmp_path / "label.yaml"
+    path.write_text(
+        "videos: corpus/videos\nout: labels\ncheckpoint: builtin:tiny\ndetect_every: 2\nsmooth_window: 5\n"
+    )
+    return str(path)
+
+
+def test_label_yaml_and_set_reach_fields_without_a_flag(label_yaml, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = job.config_from_args(_label_args("--config", label_yaml, "--set", "min_face_size=40"))
+    assert (config.min_face_size, config.detect_every, config.smooth_window) == (40, 2, 5)
+    assert (config.videos, config.out) == (str(tmp_path / "corpus" / "videos"), str(tmp_path / "labels"))
+    assert config.checkpoint == "builtin:tiny"  # a URI is not a path: left as it is
+    assert config.timelines and not config.overwrite
+
+
+def test_label_flags_win_over_yaml_and_set(label_yaml, tmp_path):
+    args = _label_args(
+        "s3://corpus/raw", str(tmp_path / "out"), "--config", label_yaml, "--set", "detect_every=3",
+        "--detect-every", "1", "--checkpoint", "s3://runs/best", "--fps", "25", "--no-timelines",
+    )  # fmt: skip
+    config = job.config_from_args(args)
+    assert (config.videos, config.checkpoint) == ("s3://corpus/raw", "s3://runs/best")
+    assert config.out == str(tmp_path / "out")
+    assert (config.detect_every, config.frames_fps, config.timelines, config.smooth_window) == (1, 25.0, False, 5)
+
+
+def test_label_defaults_live_in_one_place():
+    config = job.config_from_args(_label_args("v", "o", "--checkpoint", "c"))
+    assert config.detect_every == LabelConfig.detect_every == StageSettings.detect_every
+    assert config.min_face_size == StageSettings.min_face_size and config.frames_fps == StageSettings.frames_fps
+    help_text = argparse.ArgumentParser()
+    job.add_arguments(help_text)
+    assert f"(default {LabelConfig.detect_every};" in " ".join(help_text.format_help().split())
+
+
+def test_label_unknown_set_key_and_missing_checkpoint_name_the_key(label_yaml, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key: min_face_sise.*did you mean min_face_size"):
+        job.config_from_args(_label_args("--config", label_yaml, "--set", "min_face_sise=40"))
+    with pytest.raises(ConfigError, match="missing required value: checkpoint"):
+        job.config_from_args(_label_args(str(tmp_path), str(tmp_path / "out")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,14 +53,18 @@ class JobError(Exception):
     """A job that cannot run as asked (nothing to read, contradictory settings)."""
 
 
-def run_job(main: Callable[[Any], dict[str, Any]], args: Any) -> int:
-    """Run a job's main, print its JSON summary last; user errors exit 2 with one clear line."""
+def run_job(main: Callable[[Any], dict[str, Any] | None], args: Any) -> int:
+    """Run a job's main, print its JSON summary last; user errors exit 2 with one clear line.
+
+    A main that prints its own summary (the demo ends on a table for people) returns None.
+    """
     try:
         summary = main(args)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    emit_summary(summary)
+    if summary is not None:
+        emit_summary(summary)
     return 0
 
 
@@ -88,11 +93,46 @@ def add_config_job_arguments(parser) -> None:
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 
 
-def run_config_job(config_cls, args, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-    """Resolve the job's config from --config/--set, print it, connect to Ray, run it."""
-    from affectray.config import config_from_args, print_config
+# Attributes add_config_job_arguments puts on args: never config fields, even where a config
+# has a field of that name (TuneConfig.overrides).
+_JOB_ARGUMENTS = frozenset({"config", "overrides", "address"})
 
-    config = config_from_args(config_cls, args)
+
+def job_config(config_cls, args):
+    """The job's config: field defaults < --config YAML < --set < flags; local paths made absolute.
+
+    A flag is shorthand for one field: an attribute of ``args`` named after a field of
+    ``config_cls``. Jobs declare flags with ``dest=<field>`` and ``default=argparse.SUPPRESS``,
+    so a flag left out leaves the YAML's value alone.
+    """
+    from affectray.config import ConfigError, config_from_dict, load_config, resolve_locations
+
+    # Read as a plain mapping first: a required field (SOURCE, OUT) may still come from a flag.
+    data = load_config(dict, getattr(args, "config", None), getattr(args, "overrides", None) or ())
+    fields = [f for f in dataclasses.fields(config_cls) if f.init]
+    flags = {f.name: getattr(args, f.name) for f in fields if f.name not in _JOB_ARGUMENTS and hasattr(args, f.name)}
+    data.update(flags)
+    for f in fields:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(
+                f"missing required value: {f.name} (give it on the command line, as {f.name}: in --config, "
+                f"or with --set {f.name}=...)"
+            )
+    return resolve_locations(config_from_dict(config_cls, data))
+
+
+def run_config_job(
+    config_cls, args, run: Callable[[Any], dict[str, Any]], connect_first: bool = True
+) -> dict[str, Any]:
+    """Resolve the job's config (``job_config``), print it, connect to Ray, run it.
+
+    ``connect_first=False`` leaves connecting to ``run``, which checks its inputs before
+    starting Ray so that a bad one fails in a second; --address still connects first.
+    """
+    from affectray.config import print_config
+
+    config = job_config(config_cls, args)
     print_config(config)
-    init_ray(args.address)
+    if connect_first or args.address:
+        init_ray(args.address)
     return run(config)

@@ -1,7 +1,11 @@
 """Label whole video corpora with a classifier checkpoint, on Ray Data: streaming, resumable, exactly once.
 
     affectray label VIDEOS OUT --checkpoint URI [--batch-size 64] [--fail-fast]
+    affectray label --config jobs/configs/label-smoke.yaml --set min_face_size=40
     ray job submit --working-dir . -- python jobs/label_videos.py VIDEOS OUT --checkpoint URI
+
+Every field of LabelConfig can come from a YAML file (--config) and --set FIELD=VALUE;
+each flag below is shorthand for one field, and wins over --config and --set.
 
 VIDEOS is a local dir or s3:// prefix, a glob, a text/csv/Parquet manifest of
 video URIs, or one video (``--layout aligned-frames``: folders of aligned face
@@ -27,6 +31,7 @@ import math
 import os
 import sys
 import time
+import typing
 import warnings
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,10 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from affectray import storage
-from affectray.config import ConfigError
+from affectray.config import ConfigError, location, resolve_locations
 from affectray.label import outputs
 from affectray.data.sources import unit_key
-from affectray.label.inputs import InputListing, VideoInput, list_inputs
+from affectray.label.inputs import InputListing, Layout, VideoInput, list_inputs
 from affectray.label.pipeline import (
     END,
     ClassifyFaces,
@@ -57,22 +62,24 @@ logger = logging.getLogger("affectray.label")
 
 @dataclass
 class LabelConfig:
-    videos: str
-    out: str
-    checkpoint: str
-    layout: Literal["videos", "aligned-frames"] = "videos"
-    batch_size: int = 64  # faces per classifier forward pass
-    chunk_frames: int = 16  # frames per chunk: the unit of work between stages
-    detect_max_side: int = 640  # frames are downscaled to this for MTCNN; 320 is ~2.5x faster, misses faces < ~40 px
-    decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from frames of this size
+    videos: str = location()  # local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video; required
+    out: str = location()  # output root: a local dir or s3:// prefix; required
+    checkpoint: str = location()  # classifier checkpoint (local dir or s3://), as finetune writes it; required
+    layout: Layout = "videos"
+    # Settings the pipeline's stages share take StageSettings' defaults: each lives in one place.
+    batch_size: int = StageSettings.batch_size  # faces per classifier forward pass
+    chunk_frames: int = StageSettings.chunk_frames  # frames per chunk: the unit of work between stages
+    # Frames are downscaled to this for MTCNN: 320 costs ~2x less CPU but misses faces under ~40 px.
+    detect_max_side: int = StageSettings.detect_max_side
+    decode_max_side: int = StageSettings.decode_max_side  # bounds memory for 4K; faces are aligned from these
     # MTCNN on the whole of every k-th frame, on the frames between only near its faces: the same
     # faces at ~2x less CPU, but one entering the picture is found up to k - 1 frames late (1: off).
-    detect_every: int = 4
-    min_face_score: float = 0.9
-    min_face_size: int = 20
+    detect_every: int = StageSettings.detect_every
+    min_face_score: float = StageSettings.min_face_score
+    min_face_size: int = StageSettings.min_face_size  # pixels, in the decoded frame
     smooth_window: int = 9  # frames, odd; 1 turns smoothing off
     smooth_method: Literal["mean", "majority"] = "mean"
-    frames_fps: float = 30.0  # aligned-frames: the time base (frame folders carry no timestamps)
+    frames_fps: float = StageSettings.frames_fps  # aligned-frames: the time base (frame folders carry no timestamps)
     detectors: int | None = None  # MTCNN actors; default: 2 per GPU, else a quarter of the CPUs (and they classify)
     classifiers: int | None = None  # classifier actors with GPUs; default: 2 per GPU (without GPUs: none)
     gpu_fraction: float = 0.25  # of a GPU per actor, when the cluster has GPUs
@@ -107,6 +114,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     from affectray.models.inference import load_classifier
 
     start = time.perf_counter()
+    config = resolve_locations(config)  # Ray tasks and actors run in directories of their own
     listing = list_inputs(config.videos, config.layout)
     classifier = load_classifier(config.checkpoint)  # fails in seconds on a bad checkpoint, before Ray starts
     classes, model_id, prep = tuple(classifier.classes), classifier.model_id, classifier.preprocessing
@@ -416,70 +424,75 @@ def _outcomes(out: str, listing: InputListing) -> list[dict[str, Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("videos", help="local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video")
-    add("out", help="output root: a local dir or s3:// prefix")
-    add("--checkpoint", required=True, help="classifier checkpoint (local dir or s3://), as finetune writes it")
-    add("--layout", choices=("videos", "aligned-frames"), default="videos",
-        help="videos (default), or folders of aligned face frames, labelled without detection")  # fmt: skip
-    add("--batch-size", type=int, default=64, help="faces per classifier forward pass (default 64)")
-    add("--chunk-frames", type=int, default=16, help="frames per unit of work between stages (default 16)")
-    add("--detect-max-side", type=int, default=640,
-        help="frames are shrunk to this for MTCNN (default 640; 320: ~2x faster, misses faces under ~40 px)")  # fmt: skip
-    add("--detect-every", type=int, default=4,
+    from affectray.runtime import add_config_job_arguments
+
+    add_config_job_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Flags are shorthand for config fields: dest is the field, and a flag left out is absent
+    # (SUPPRESS), so it never overrides --config or --set. Defaults are read from LabelConfig.
+    fields = parser.add_argument_group(
+        "config fields", "shorthand for --set FIELD=VALUE; a flag wins over --config and --set"
+    )
+    add = fields.add_argument
+    unset = argparse.SUPPRESS
+    d = LabelConfig
+    add("videos", nargs="?", default=unset, metavar="VIDEOS",
+        help="local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video "
+             "(videos; optional when --config gives it)")  # fmt: skip
+    add("out", nargs="?", default=unset, metavar="OUT",
+        help="output root: a local dir or s3:// prefix (out; optional when --config gives it)")  # fmt: skip
+    add("--checkpoint", default=unset,
+        help="classifier checkpoint (local dir or s3://), as finetune writes it (required)")  # fmt: skip
+    add("--layout", choices=typing.get_args(Layout), default=unset,
+        help="videos, or aligned-frames: folders of aligned face frames, labelled without detection "
+             f"(default: {d.layout})")  # fmt: skip
+    add("--batch-size", type=int, default=unset, help=f"faces per classifier forward pass (default {d.batch_size})")
+    add("--chunk-frames", type=int, default=unset,
+        help=f"frames per unit of work between stages (default {d.chunk_frames})")  # fmt: skip
+    add("--detect-max-side", type=int, default=unset,
+        help=f"frames are shrunk to this for MTCNN (default {d.detect_max_side}; 320: ~2x less CPU, "
+             "misses faces under ~40 px)")  # fmt: skip
+    add("--detect-every", type=int, default=unset,
         help="MTCNN on the whole of every k-th frame, between them only near the faces it found: "
              "the same faces for ~2x less CPU, but a face entering the picture is found up to k-1 "
-             "frames late (default 4; 1: the whole of every frame)")  # fmt: skip
-    add("--decode-max-side", type=int, default=1280, help="decode 4K down to this (default 1280)")
-    add("--min-face-score", type=float, default=0.9, help="MTCNN probability a face needs (default 0.9)")
-    add("--smooth-window", type=int, default=9, help="frames in the per-track smoothing window, odd (default 9; 1: off)")
-    add("--smooth-method", choices=("mean", "majority"), default="mean")
-    add("--fps", type=float, default=30.0, help="aligned-frames: frames per second for timestamps (default 30)")
-    add("--detectors", type=int,
+             f"frames late (default {d.detect_every}; 1: the whole of every frame)")  # fmt: skip
+    add("--decode-max-side", type=int, default=unset, help=f"decode 4K down to this (default {d.decode_max_side})")
+    add("--min-face-score", type=float, default=unset,
+        help=f"MTCNN probability a face needs (default {d.min_face_score})")  # fmt: skip
+    add("--smooth-window", type=int, default=unset,
+        help=f"frames in the per-track smoothing window, odd (default {d.smooth_window}; 1: off)")  # fmt: skip
+    add("--smooth-method", choices=("mean", "majority"), default=unset, help=f"(default {d.smooth_method})")
+    add("--fps", dest="frames_fps", metavar="FPS", type=float, default=unset,
+        help=f"aligned-frames: frames per second for timestamps (default {d.frames_fps:g})")  # fmt: skip
+    add("--detectors", type=int, default=unset,
         help="MTCNN actors (default: 2 per GPU; without GPUs a quarter of the CPUs, and they classify too)")  # fmt: skip
-    add("--classifiers", type=int, help="classifier actors on clusters with GPUs (default: 2 per GPU)")
-    add("--gpu-fraction", type=float, default=0.25, help="GPU share per actor when there are GPUs (default 0.25)")
-    add("--no-timelines", action="store_true", help="skip the per-video timeline PNGs")
-    add("--fail-fast", action="store_true", help="stop at the first video that fails (exit 2)")
-    add("--retry-failed", action="store_true", help="process videos that failed or were partial before again")
-    add("--overwrite", action="store_true", help="relabel every video, finished or not (also with another checkpoint)")
-    add("--no-progress", action="store_true", help="no progress bar")
-    add("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    add("--classifiers", type=int, default=unset,
+        help="classifier actors on clusters with GPUs (default: 2 per GPU)")  # fmt: skip
+    add("--gpu-fraction", type=float, default=unset,
+        help=f"GPU share per actor when there are GPUs (default {d.gpu_fraction})")  # fmt: skip
+    add("--no-timelines", dest="timelines", action="store_false", default=unset,
+        help="skip the per-video timeline PNGs")  # fmt: skip
+    add("--fail-fast", action="store_true", default=unset, help="stop at the first video that fails (exit 2)")
+    add("--retry-failed", action="store_true", default=unset,
+        help="process videos that failed or were partial before again")  # fmt: skip
+    add("--overwrite", action="store_true", default=unset,
+        help="relabel every video, finished or not (also with another checkpoint)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    return LabelConfig(
-        videos=args.videos,
-        out=args.out,
-        checkpoint=args.checkpoint,
-        layout=args.layout,
-        batch_size=args.batch_size,
-        chunk_frames=args.chunk_frames,
-        detect_max_side=args.detect_max_side,
-        decode_max_side=args.decode_max_side,
-        detect_every=args.detect_every,
-        min_face_score=args.min_face_score,
-        smooth_window=args.smooth_window,
-        smooth_method=args.smooth_method,
-        frames_fps=args.fps,
-        detectors=args.detectors,
-        classifiers=args.classifiers,
-        gpu_fraction=args.gpu_fraction,
-        timelines=not args.no_timelines,
-        fail_fast=args.fail_fast,
-        retry_failed=args.retry_failed,
-        overwrite=args.overwrite,
-    )
+    """LabelConfig from --config, --set and the flags (``add_arguments``); local paths made absolute."""
+    from affectray.runtime import job_config
+
+    return job_config(LabelConfig, args)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.config import print_config
-    from affectray.runtime import init_ray
+    from affectray.runtime import run_config_job
 
-    config = config_from_args(args)
-    print_config(config)
-    if args.address:
-        init_ray(args.address)
-    return run_label(config, progress=not args.no_progress)
+    # run_label connects to Ray itself, after listing VIDEOS and loading the checkpoint: bad input fails fast.
+    def run(config: LabelConfig) -> dict[str, Any]:
+        return run_label(config, progress=not args.no_progress)
+
+    return run_config_job(LabelConfig, args, run, connect_first=False)
 
 

@@ -44,14 +44,17 @@ END = -1  # the ``part`` of a video's end row
 
 @dataclass(frozen=True)
 class StageSettings:
-    """What the stages need to know, fixed for a run."""
+    """What the stages need to know, fixed for a run.
+
+    The defaults are the label job's too: LabelConfig reads them from here (job.py imports this module).
+    """
 
     image_size: int  # the classifier's input side: faces are aligned straight to it
     chunk_frames: int = 16
     halo: int = 0  # extra frames on each side of a chunk, for window classifiers
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from these frames
     detect_max_side: int = 640  # frames are downscaled to this for MTCNN
-    detect_every: int = 4  # MTCNN on the whole of every k-th frame of a chunk, between only near its faces (as the job)
+    detect_every: int = 4  # MTCNN on the whole of every k-th frame of a chunk, between only near its faces
     min_face_score: float = 0.9
     min_face_size: int = 20
     frames_fps: float = 30.0  # time base of frame folders, which carry no timestamps
