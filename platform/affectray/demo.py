@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from affectray.runtime import init_ray
+from affectray.runtime import emit_summary, init_ray
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def _step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> None:
     from affectray.config import load_config
     from affectray.data.ingest import IngestConfig, run_ingest
     from affectray.data.sample import SAMPLE_VIDEOS
@@ -113,11 +113,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     outputs["label_report"] = outputs["label"]["report"]
 
-    _step("outputs")
-    for name, value in outputs.items():
-        where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint") or value.get("out")
-        print(f"  {name:18s} {where}")
-    return {"job": "demo", "out": str(out), "seconds": round(time.perf_counter() - start, 1), **{
+    summary = {"job": "demo", "out": str(out), "seconds": round(time.perf_counter() - start, 1), **{
         k: v for k, v in outputs.items() if isinstance(v, str)
     }, "pretrain": {k: outputs["pretrain"][k] for k in ("steps", "first_loss", "last_loss", "checkpoint")},
         "finetune": {
@@ -125,6 +121,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         },
         "label": {k: outputs["label"][k] for k in ("videos", "ok", "failed", "frames", "frames_per_second")},
     }  # fmt: skip
+    # The table is the last thing on screen: Ray's workers stop first (their buffered logs and
+    # progress bars would otherwise keep arriving after it), then the JSON summary, then the table.
+    import ray
+
+    ray.shutdown()
+    emit_summary(summary)
+    _step("outputs")
+    for name, value in outputs.items():
+        where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint") or value.get("out")
+        print(f"  {name:18s} {where}", flush=True)
+    return None
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
