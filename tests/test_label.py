@@ -43,7 +43,7 @@ from affectray.label.pipeline import (
 from affectray.labels import ABAW8
 from affectray.models.inference import load_classifier
 from affectray.models.registry import create_model
-from affectray.runtime import JobError
+from affectray.errors import JobError
 from affectray.train.checkpoint import save_checkpoint
 from tests.conftest import REPO_ROOT
 

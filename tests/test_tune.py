@@ -138,7 +138,7 @@ def test_a_killed_sweep_resumes_to_exactly_num_samples(shards, tmp_path):
     ids = [row.split(",")[0] for row in table[1:]]
     assert len(ids) == len(set(ids)) == 3  # no trial counted twice
     # Starting it again without --resume is refused instead of silently mixing two sweeps.
-    from affectray.runtime import JobError
+    from affectray.errors import JobError
 
     with pytest.raises(JobError, match="--resume"):
         run_tune(load_config(TuneConfig, path))

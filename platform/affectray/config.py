@@ -28,6 +28,8 @@ from typing import Any, Literal, TextIO, TypeVar, Union
 
 import yaml
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "ConfigError",
     "add_config_arguments",
@@ -51,7 +53,7 @@ T = TypeVar("T")
 _YAML_BOOL_WORDS = {True: ("yes", "true", "on", "y"), False: ("no", "false", "off", "n")}
 
 
-class ConfigError(ValueError):
+class ConfigError(AffectrayError, ValueError):
     """A config that does not fit its dataclasses: unknown key, wrong type, missing value."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "ABAW8",
     "BASIC7",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class LabelError(ValueError):
+class LabelError(AffectrayError, ValueError):
     """A label, class name, dataset or label set that does not exist or does not fit."""
 
 

@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any, Callable
 
+from affectray.errors import AffectrayError
+
 logger = logging.getLogger("affectray")
 
 # Ray Train workers each hold a CPU slot and Ray Data tasks need slots as well;
@@ -37,22 +39,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug: reported in one line, no traceback."""
-    from affectray.config import ConfigError
-    from affectray.data.annotations import AnnotationError
-    from affectray.data.sources import SourceError
-    from affectray.labels import LabelError
-    from affectray.storage import StorageError
-    from affectray.train.checkpoint import CheckpointError
-
-    return (ConfigError, AnnotationError, SourceError, LabelError, StorageError, CheckpointError, JobError)
-
-
-class JobError(Exception):
-    """A job that cannot run as asked (nothing to read, contradictory settings)."""
-
-
 def run_job(main: Callable[[Any], dict[str, Any] | None], args: Any) -> int:
     """Run a job's main, print its JSON summary last; user errors exit 2 with one clear line.
 
@@ -60,7 +46,7 @@ def run_job(main: Callable[[Any], dict[str, Any] | None], args: Any) -> int:
     """
     try:
         summary = main(args)
-    except user_errors() as error:
+    except AffectrayError as error:  # bad input, not a bug: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     if summary is not None:

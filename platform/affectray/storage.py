@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "StorageError",
     "atomic_writer",
@@ -55,7 +57,7 @@ __all__ = [
 _SCHEMES = ("", "file", "s3")
 
 
-class StorageError(Exception):
+class StorageError(AffectrayError):
     """A storage problem a user can cause: bad scheme, missing bucket or key, no access."""
 
 

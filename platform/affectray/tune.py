@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from affectray import storage
 from affectray.config import ConfigError, config_to_dict, location
+from affectray.errors import JobError
 
 logger = logging.getLogger("affectray.tune")
 
@@ -184,8 +185,6 @@ def run_tune(config: TuneConfig, *, resume: bool = False) -> dict[str, Any]:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from affectray.runtime import JobError
-
     start = time.perf_counter()
     search = config.search
     sweep_uri = storage.join(search.storage, search.name)
@@ -257,8 +256,6 @@ def summarise(config: TuneConfig, results, sweep_uri: str, start: float) -> dict
     finished = [r for r in results if r.error is None and r.metrics and search.metric in r.metrics]
     if not finished:
         reasons = "; ".join(_error_line(r.error) for r in errored[:3])
-        from affectray.runtime import JobError
-
         raise JobError(f"no trial of {sweep_uri!r} finished with {search.metric!r}" + (f": {reasons}" if reasons else ""))
     best = results.get_best_result(metric=search.metric, mode=search.mode, scope="all", filter_nan_and_inf=True)
     best_params = {k: v for k, v in best.config.items() if k != "__affectray__"}

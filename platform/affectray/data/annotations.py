@@ -23,6 +23,7 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 from affectray import labels, storage
+from affectray.errors import AffectrayError
 from affectray.data.sources import WorkUnit, list_relative
 
 __all__ = [
@@ -42,7 +43,7 @@ VA_MISSING = -5.0  # Aff-Wild2's "not annotated" value in VA files
 _VA_COLUMNS = ("valence", "arousal")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(AffectrayError, ValueError):
     """An annotation file that cannot be read: bad header, bad value, ambiguous match."""
 
 

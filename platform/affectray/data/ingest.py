@@ -36,6 +36,7 @@ from affectray.config import location, resolve_locations
 from affectray.data import shards
 from affectray.data.faces import LazyDetector
 from affectray.data.sources import LAYOUTS, WorkUnit, list_units
+from affectray.errors import JobError
 
 logger = logging.getLogger("affectray.ingest")
 
@@ -266,7 +267,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     import ray
 
     from affectray.data.annotations import find_annotations
-    from affectray.runtime import JobError, init_ray
+    from affectray.runtime import init_ray
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray actors run in directories of their own

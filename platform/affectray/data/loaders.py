@@ -54,6 +54,7 @@ from affectray import storage
 from affectray.config import location
 from affectray.data import shards
 from affectray.data.faces import decode_jpeg
+from affectray.errors import AffectrayError
 
 if TYPE_CHECKING:
     import ray.data
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 
-class LoaderError(ValueError):
+class LoaderError(AffectrayError, ValueError):
     """A data config or shard root that cannot give a dataset."""
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence, get_args
 
 from affectray import labels, storage
+from affectray.errors import AffectrayError
 
 __all__ = [
     "FRAME_SUFFIXES",
@@ -68,7 +69,7 @@ _KEY_HASH_CHARS = 8
 _FRAME_NAME = re.compile(r"[0-9]+")
 
 
-class SourceError(ValueError):
+class SourceError(AffectrayError, ValueError):
     """An input corpus that cannot be listed: unknown layout, missing SOURCE or csv, bad arguments."""
 
 

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from affectray.labels import ABAW8
-from affectray.runtime import JobError
+from affectray.errors import JobError
 
 __all__ = [
     "EXPR_CLASSES",

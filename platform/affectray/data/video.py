@@ -26,6 +26,8 @@ import av
 import numpy as np
 from av.container import InputContainer
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "CORRUPT",
     "EMPTY",
@@ -64,7 +66,7 @@ _CONTAINER_MAGIC = (
 )
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(AffectrayError):
     """A video that cannot be decoded, or not to its end.
 
     Args:

@@ -53,7 +53,7 @@ from affectray.label.pipeline import (
     VideoAssembler,
     decode_videos,
 )
-from affectray.runtime import JobError
+from affectray.errors import JobError
 
 __all__ = ["LabelConfig", "add_arguments", "config_from_args", "main", "run_label"]
 

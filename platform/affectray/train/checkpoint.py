@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from affectray import storage
+from affectray.errors import AffectrayError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "train_state.pt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(AffectrayError):
     """A checkpoint that is missing, incomplete or not one of ours."""
 
 

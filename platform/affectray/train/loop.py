@@ -20,6 +20,7 @@ from typing import Any, Iterable, Literal, Protocol
 
 from affectray import storage
 from affectray.config import location
+from affectray.errors import JobError
 from affectray.train import checkpoint as ckpt
 
 
@@ -89,7 +90,6 @@ def planned_steps(data, optim_cfg: OptimConfig, train_cfg: TrainConfig, run_cfg:
     for one step is a clear error, not a run that trains on nothing.
     """
     from affectray.data.loaders import count_samples
-    from affectray.runtime import JobError
 
     samples = count_samples(data, train=True)
     per_step = train_cfg.batch_size * run_cfg.num_workers * optim_cfg.accumulation
