@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
 #   make test   install into .venv (if needed) and run the test suite
+#   make lint   ruff: lint and format check
 #   make demo   install into .venv (if needed) and run the platform end to end on a local Ray
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo install clean
+.PHONY: test test-fast lint demo install clean
 
 install: $(STAMP)
 
@@ -27,6 +28,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+# ruff (pyproject's [tool.ruff]): lint and format check of everything we ship and test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform jobs tests bench
+	$(VENV)/bin/ruff format --check platform jobs tests bench
 
 demo: $(STAMP)
 	$(VENV)/bin/affectray demo $(DEMO_OUT)

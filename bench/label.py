@@ -6,7 +6,8 @@ at the end. The pipeline is `affectray label` (run_label) on a local Ray with it
 decode tasks, a pool of actors that detect (affectray's cascade: the same nets
 and stages, resampling from a summed-area table, channels-last; the whole frame
 every 4th frame, near its faces between) and classify chunks of frames,
-per-track smoothing and all its outputs, actor start-up included. Both use the same MTCNN weights, the same tiny classifier and the same
+per-track smoothing and all its outputs, actor start-up included. Both use the
+same MTCNN weights, the same tiny classifier and the same
 videos: copies of the real video in ../shared/data/real and the sample corpus's
 animated real-face videos, made longer. ``--same-detector`` also times the naive
 loop with the pipeline's detector, which splits the gain into detector and pipeline.
@@ -45,7 +46,7 @@ REAL_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / 
 
 def make_corpus(root: Path, videos: int, frames: int, real_copies: int) -> Path:
     """Animated real-face videos (the sample corpus's, 320x240, longer) and copies of the real video (640x360)."""
-    from affectray.data.synth import SynthConfig, write_sample_corpus
+    from affectray.sample.synth import SynthConfig, write_sample_corpus
 
     synth = root / "synth"
     config = SynthConfig(seed=11, num_videos=0, num_real_videos=videos, real_video_frames=frames, no_face_video=False)
@@ -69,16 +70,14 @@ def make_checkpoint(directory: Path, size: int, steps: int) -> str:
     import torch
     import torch.nn.functional as F
 
-    from affectray.data.synth import draw_face
+    from affectray.checkpoints import save_checkpoint
     from affectray.labels import ABAW8
     from affectray.models.registry import create_model
-    from affectray.train.checkpoint import save_checkpoint
+    from affectray.sample.synth import draw_face
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 8, 800)
-    x = np.stack(
-        [cv2.resize(cv2.cvtColor(draw_face(int(k), rng, 64), cv2.COLOR_BGR2RGB), (size, size)) for k in y]
-    )
+    x = np.stack([cv2.resize(cv2.cvtColor(draw_face(int(k), rng, 64), cv2.COLOR_BGR2RGB), (size, size)) for k in y])
 
     torch.manual_seed(0)
     model = create_model("frame", backbone="test_resnet", num_classes=8)
@@ -113,8 +112,9 @@ def naive_loop(videos: list, checkpoint: str, out: Path, same_detector_at: int |
     import pandas as pd
     from facenet_pytorch import MTCNN
 
-    from affectray.data.faces import FaceDetector, align_face, downscale
-    from affectray.data.video import iter_frames
+    from affectray.faces.align import align_face
+    from affectray.faces.detect import FaceDetector, downscale
+    from affectray.faces.video import iter_frames
     from affectray.models.inference import load_classifier
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -170,7 +170,13 @@ def combine(a: dict, b: dict) -> dict:
     stages = Counter(a["stages"])
     stages.update(b["stages"])
     frames, seconds = a["frames"] + b["frames"], a["seconds"] + b["seconds"]
-    return {"frames": frames, "seconds": seconds, "cpu": a["cpu"] + b["cpu"], "fps": frames / seconds, "stages": dict(stages)}
+    return {
+        "frames": frames,
+        "seconds": seconds,
+        "cpu": a["cpu"] + b["cpu"],
+        "fps": frames / seconds,
+        "stages": dict(stages),
+    }
 
 
 def pipeline_faces(out: str, classes: list[str]) -> dict:
@@ -193,7 +199,7 @@ def compare(naive: dict, pipeline: dict) -> dict:
     """Share of naive faces the pipeline found (IoU >= 0.5), and of those, how many got the same label."""
     import numpy as np
 
-    from affectray.data.tracking import box_iou
+    from affectray.faces.tracking import box_iou
 
     total = matched = same = 0
     extra = 0
@@ -229,14 +235,24 @@ def main() -> None:
     from affectray.label.job import LabelConfig, run_label
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=8, help="animated real-face videos (320x240; 8: 2544 frames in all)")
+    parser.add_argument(
+        "--videos", type=int, default=8, help="animated real-face videos (320x240; 8: 2544 frames in all)"
+    )
     parser.add_argument("--frames", type=int, default=300, help="frames per animated video")
     parser.add_argument("--real-copies", type=int, default=2, help="copies of the 72-frame real video (640x360)")
     parser.add_argument("--detect-max-side", type=int, default=640, help="the pipeline's detection size")
-    parser.add_argument("--detect-every", type=int, default=LabelConfig.detect_every,
-                        help=f"the pipeline's whole-frame detection period (default {LabelConfig.detect_every}, as the job)")  # fmt: skip
-    parser.add_argument("--same-detector", action="store_true",
-                        help="also time the naive loop with the pipeline's detector at --detect-max-side (isolates the pipeline from its detector)")  # fmt: skip
+    parser.add_argument(
+        "--detect-every",
+        type=int,
+        default=LabelConfig.detect_every,
+        help=f"the pipeline's whole-frame detection period (default {LabelConfig.detect_every}, as the job)",
+    )
+    parser.add_argument(
+        "--same-detector",
+        action="store_true",
+        help="also time the naive loop with the pipeline's detector at --detect-max-side "
+        "(isolates the pipeline from its detector)",
+    )
     parser.add_argument("--image-size", type=int, default=64, help="classifier input side")
     parser.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive loop (default 1)")
     parser.add_argument("--detectors", type=int, help="MTCNN actors (default: the job's default)")
@@ -255,9 +271,12 @@ def main() -> None:
         checkpoint = make_checkpoint(root / "ckpt", args.image_size, steps=150)
         videos = list_inputs(str(corpus)).videos
         init_ray()
-        print(f"{len(videos)} videos; {os.cpu_count()} CPU cores; naive loop: torch threads {args.naive_threads}, "
-              f"facenet-pytorch MTCNN on every whole frame; pipeline: affectray's cascade at max side {args.detect_max_side}, "
-              f"the whole frame every {args.detect_every} frames, near its faces between", flush=True)  # fmt: skip
+        print(
+            f"{len(videos)} videos; {os.cpu_count()} CPU cores; naive loop: torch threads {args.naive_threads}, "
+            f"facenet-pytorch MTCNN on every whole frame; pipeline: affectray's cascade at max side "
+            f"{args.detect_max_side}, the whole frame every {args.detect_every} frames, near its faces between",
+            flush=True,
+        )
 
         # One torch thread by default: on a shared machine two threads spin against other jobs'
         # processes and ran 1.5-7x slower (seen), which would flatter the pipeline. The naive
@@ -286,13 +305,19 @@ def main() -> None:
         second, second_found = naive_loop(videos[1::2], checkpoint, root / "naive")
         naive = combine(first, second)
         naive_found = {**first_found, **second_found}
-        print(f"naive ({threads} torch thread(s), facenet-pytorch MTCNN on every whole frame): {naive['frames']} frames in "
-              f"{naive['seconds']:.1f} s = {naive['fps']:.2f} frames/s", flush=True)  # fmt: skip
+        print(
+            f"naive ({threads} torch thread(s), facenet-pytorch MTCNN on every whole frame): "
+            f"{naive['frames']} frames in {naive['seconds']:.1f} s = {naive['fps']:.2f} frames/s",
+            flush=True,
+        )
         same = None
         if args.same_detector:
             same, same_found = naive_loop(videos, checkpoint, root / "naive-same", args.detect_max_side)
-            print(f"naive, the pipeline's cascade on every whole frame at {args.detect_max_side} px: {same['frames']} frames in {same['seconds']:.1f} s = "
-                  f"{same['fps']:.2f} frames/s", flush=True)  # fmt: skip
+            print(
+                f"naive, the pipeline's cascade on every whole frame at {args.detect_max_side} px: "
+                f"{same['frames']} frames in {same['seconds']:.1f} s = {same['fps']:.2f} frames/s",
+                flush=True,
+            )
 
         print("\nper stage: wall seconds of work summed over workers, frames/s of one worker; pipeline CPU seconds")
         runs = [("naive", naive)] + ([("naive-same", same)] if same else [])
@@ -301,20 +326,27 @@ def main() -> None:
             for stage, seconds in run["stages"].items():
                 rate = run["frames"] / seconds if seconds else float("inf")
                 cpu = summary["stage_cpu_seconds"].get(stage) if name == "pipeline" else None
-                print(f"  {name:10s} {stage:9s} {seconds:8.1f} s  {rate:9.1f} frames/s" + (f"  cpu {cpu:7.1f} s" if cpu is not None else ""))
+                print(
+                    f"  {name:10s} {stage:9s} {seconds:8.1f} s  {rate:9.1f} frames/s"
+                    + (f"  cpu {cpu:7.1f} s" if cpu is not None else "")
+                )
         # Frames per CPU second: the work each does per frame, whatever share of the cores it got.
         pipeline_cpu = sum(summary["stage_cpu_seconds"].values())
         cpu_ratio = (summary["frames"] / pipeline_cpu) / (naive["frames"] / naive["cpu"])
-        print(f"CPU: naive {naive['cpu']:.1f} s, pipeline stages {pipeline_cpu:.1f} s (Ray's own overhead not counted): "
-              f"{cpu_ratio:.2f}x less CPU per frame")  # fmt: skip
+        print(
+            f"CPU: naive {naive['cpu']:.1f} s, pipeline stages {pipeline_cpu:.1f} s (Ray's own overhead not counted): "
+            f"{cpu_ratio:.2f}x less CPU per frame"
+        )
 
         from affectray.models.inference import load_classifier
 
         found = pipeline_faces(str(root / "labels"), load_classifier(checkpoint).classes)
         match, ratio = compare(naive_found, found), fps / naive["fps"]
-        print(f"\nagainst the naive loop on whole frames: {ratio:.2f}x ({steady / naive['fps']:.2f}x after the pipeline's "
-              f"start-up); faces matched {100 * match['faces_matched']:.2f}% (IoU >= 0.5), labels matched "
-              f"{100 * match['labels_matched']:.2f}% of matched faces")  # fmt: skip
+        print(
+            f"\nagainst the naive loop on whole frames: {ratio:.2f}x ({steady / naive['fps']:.2f}x after the "
+            f"pipeline's start-up); faces matched {100 * match['faces_matched']:.2f}% (IoU >= 0.5), labels matched "
+            f"{100 * match['labels_matched']:.2f}% of matched faces"
+        )
         result = {
             "ratio": round(ratio, 3),
             "faces_matched": round(match["faces_matched"], 4),
@@ -339,8 +371,10 @@ def main() -> None:
                 faces_matched_same_detector=round(match_same["faces_matched"], 4),
                 labels_matched_same_detector=round(match_same["labels_matched"], 4),
             )
-            print(f"against the naive loop with the pipeline's cascade: {fps / same['fps']:.2f}x; faces matched "
-                  f"{100 * match_same['faces_matched']:.2f}%, labels matched {100 * match_same['labels_matched']:.2f}%")  # fmt: skip
+            print(
+                f"against the naive loop with the pipeline's cascade: {fps / same['fps']:.2f}x; faces matched "
+                f"{100 * match_same['faces_matched']:.2f}%, labels matched {100 * match_same['labels_matched']:.2f}%"
+            )
         print(json.dumps(result))
     finally:
         if not args.keep:

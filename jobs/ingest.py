@@ -14,7 +14,7 @@ from pathlib import Path
 # `ray job submit --working-dir .` ships the repo; the package lives under platform/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from affectray.data import ingest  # noqa: E402
+from affectray.ingest import job as ingest  # noqa: E402
 from affectray.runtime import run_job  # noqa: E402
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from affectray.runtime import run_job  # noqa: E402
 from affectray import tune  # noqa: E402
+from affectray.runtime import run_job  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -110,7 +110,7 @@ def real_video() -> Path:
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory):
     """The built-in synthetic corpus (drawn faces + real-face videos), written once."""
-    from affectray.data.synth import SynthConfig, write_sample_corpus
+    from affectray.sample.synth import SynthConfig, write_sample_corpus
 
     root = tmp_path_factory.mktemp("sample_corpus")
     write_sample_corpus(root, SynthConfig(seed=0))

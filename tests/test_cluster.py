@@ -28,14 +28,13 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
 from tests.conftest import REAL_VIDEO, REPO_ROOT, _free_port
 
 CLUSTER = REPO_ROOT / "cluster"
@@ -46,7 +45,9 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 APP_DIR = "/home/ray/affectray/"  # where cluster/Dockerfile puts the repo inside the image
 RAY = REPO_ROOT / ".venv" / "bin" / "ray"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CREDENTIAL_NAMES = re.compile(r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret|RAY_AUTH_TOKEN\s*[:=]\s*\S")
+CREDENTIAL_NAMES = re.compile(
+    r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret|RAY_AUTH_TOKEN\s*[:=]\s*\S"
+)
 
 
 def kuberay_docs() -> list[tuple[str, dict]]:
@@ -111,7 +112,9 @@ def test_launcher_bootstrap_on_moto_opens_only_ssh_to_the_outside(tmp_path, monk
         from ray.autoscaler._private.aws.config import bootstrap_aws
 
         bootstrapped = bootstrap_aws(config)
-        group_ids = {g for t in bootstrapped["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
+        group_ids = {
+            g for t in bootstrapped["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]
+        }
         ec2 = boto3.client("ec2", region_name=config["provider"]["region"])
         groups = ec2.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]
     open_to_outside = [
@@ -122,7 +125,9 @@ def test_launcher_bootstrap_on_moto_opens_only_ssh_to_the_outside(tmp_path, monk
     ]
     assert open_to_outside == [(22, 22)], "only SSH is reachable from outside the cluster's security group"
     for node_type in bootstrapped["available_node_types"].values():
-        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].endswith(("affectray-ray-head", "affectray-ray-worker"))
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+            ("affectray-ray-head", "affectray-ray-worker")
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -190,10 +195,9 @@ class _Parsed(Exception):
 def parse_job_command(script: Path, argv: list[str], monkeypatch, capsys) -> _Parsed:
     """Run `python script argv...` for real up to its parsed arguments and, if it takes a
     --config, its built config; nothing past that (no Ray, no data) runs."""
-    import affectray.config
     import affectray.runtime
 
-    real_parse, real_config = argparse.ArgumentParser.parse_args, affectray.config.config_from_args
+    real_parse, real_config = argparse.ArgumentParser.parse_args, affectray.runtime.job_config
 
     def parse_args(self, args=None, namespace=None):
         parsed = real_parse(self, args, namespace)
@@ -201,14 +205,14 @@ def parse_job_command(script: Path, argv: list[str], monkeypatch, capsys) -> _Pa
             raise _Parsed(parsed)
         return parsed
 
-    def config_from_args(cls, args, *more, **kw):
+    def job_config(cls, args, *more, **kw):
         raise _Parsed(args, real_config(cls, args, *more, **kw))
 
     def no_ray(*_, **__):
         raise AssertionError(f"{script.name} reached Ray before its config was built: check it another way")
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-    monkeypatch.setattr(affectray.config, "config_from_args", config_from_args)
+    monkeypatch.setattr(affectray.runtime, "job_config", job_config)
     monkeypatch.setattr(affectray.runtime, "init_ray", no_ray)
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     try:
@@ -227,7 +231,9 @@ def test_rayjob_command_names_a_script_and_config_of_this_repo(manifest, monkeyp
     assert command[0] == "python"
     in_repo = [REPO_ROOT / a.removeprefix(APP_DIR) if a.startswith(APP_DIR) else a for a in command[1:]]
     script, argv = in_repo[0], [str(a) for a in in_repo[1:]]
-    assert isinstance(script, Path) and script.parent == REPO_ROOT / "jobs", f"{manifest}: {command[1]} is not a jobs/ script"
+    assert isinstance(script, Path) and script.parent == REPO_ROOT / "jobs", (
+        f"{manifest}: {command[1]} is not a jobs/ script"
+    )
     assert script.is_file(), f"{manifest} runs {script.relative_to(REPO_ROOT)}, which is not in the repo"
     for path in in_repo[1:]:
         if isinstance(path, Path):
@@ -333,7 +339,12 @@ def _stop_sessions(sessions: set[int]) -> None:
 def _ray(*args: str, env: dict[str, str], sessions: set[int] | None = None, timeout: float = 120) -> str:
     """Run the venv's `ray` CLI; with ``sessions``, in a new session recorded there (for teardown)."""
     proc = subprocess.Popen(
-        [str(RAY), *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(RAY), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=sessions is not None,
     )
     if sessions is not None:
@@ -370,17 +381,32 @@ def two_node_cluster(s3_server, tmp_path_factory):
     sessions: set[int] = set()
     try:
         _ray(
-            "start", "--head", f"--port={gcs}", "--num-cpus=4", f"--temp-dir={base}/head",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}",
-            "--disable-usage-stats", env=env, sessions=sessions,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=4",
+            f"--temp-dir={base}/head",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_head}",
+            "--disable-usage-stats",
+            env=env,
+            sessions=sessions,
         )
         address = f"http://127.0.0.1:{dashboard}"
         head = _node_ids(address, env)
         assert len(head) == 1
         _ray(
-            "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4", f"--temp-dir={base}/worker",
-            f"--dashboard-agent-listen-port={agent_worker}", "--disable-usage-stats", env=env, sessions=sessions,
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            "--num-cpus=4",
+            f"--temp-dir={base}/worker",
+            f"--dashboard-agent-listen-port={agent_worker}",
+            "--disable-usage-stats",
+            env=env,
+            sessions=sessions,
         )
         deadline = time.monotonic() + 60
         while len(nodes := _node_ids(address, env)) < 2 and time.monotonic() < deadline:
@@ -404,9 +430,21 @@ def submit(cluster: TwoNodeCluster, *command: str, timeout: float = 600) -> dict
     submission_id = f"affectray-test-{uuid.uuid4().hex[:8]}"
     try:
         out = _ray(
-            "job", "submit", "--address", cluster.address, "--submission-id", submission_id,
-            "--working-dir", ".", "--runtime-env", str(RUNTIME_ENV.relative_to(REPO_ROOT)), "--", "python", *command,
-            env=cluster.env, timeout=timeout,
+            "job",
+            "submit",
+            "--address",
+            cluster.address,
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            str(RUNTIME_ENV.relative_to(REPO_ROOT)),
+            "--",
+            "python",
+            *command,
+            env=cluster.env,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         _ray("job", "stop", "--address", cluster.address, submission_id, env=cluster.env)
@@ -424,7 +462,11 @@ def test_token_auth_refuses_a_client_without_the_token(two_node_cluster):
     env = {k: v for k, v in two_node_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
     env["HOME"] = str(Path(f"/tmp/ar2n-nohome-{uuid.uuid4().hex[:6]}"))  # no ~/.ray/auth_token either
     proc = subprocess.run(
-        [str(RAY), "job", "list", "--address", two_node_cluster.address], env=env, capture_output=True, text=True, timeout=120
+        [str(RAY), "job", "list", "--address", two_node_cluster.address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
@@ -435,11 +477,24 @@ def test_pretrain_smoke_job_trains_on_both_nodes(two_node_cluster):
     root = two_node_cluster.bucket
     summary = submit(
         two_node_cluster,
-        "jobs/pretrain.py", "--config", "jobs/configs/pretrain-smoke.yaml",
-        "--set", f"data.root={root}/shards/sample", "--set", f"run.storage={root}/runs",
+        "jobs/pretrain.py",
+        "--config",
+        "jobs/configs/pretrain-smoke.yaml",
+        "--set",
+        f"data.root={root}/shards/sample",
+        "--set",
+        f"run.storage={root}/runs",
         # Two Ray Train workers of 3 CPUs on nodes of 4: one per node, whatever the scheduler prefers.
-        "--set", "run.num_workers=2", "--set", "run.cpus_per_worker=3",
-        "--set", "train.epochs=1", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=4",
+        "--set",
+        "run.num_workers=2",
+        "--set",
+        "run.cpus_per_worker=3",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.checkpoint_every=4",
     )
     assert summary["job"] == "pretrain" and summary["steps"] == 4
     assert set(summary["nodes"]) == two_node_cluster.nodes, "the job's own report: a train worker on each node"
@@ -459,17 +514,32 @@ def test_label_job_labels_videos_on_both_nodes(two_node_cluster):
     root = two_node_cluster.bucket
     finetune = submit(
         two_node_cluster,
-        "jobs/finetune.py", "--config", "jobs/configs/finetune-smoke.yaml",
+        "jobs/finetune.py",
+        "--config",
+        "jobs/configs/finetune-smoke.yaml",
         # The pretrain test's sample shards (32 px; built here when this test runs alone).
-        "--set", f"data.root={root}/shards/sample", "--set", "data.image_size=32",
-        "--set", f"run.storage={root}/runs", "--set", "train.epochs=1",
+        "--set",
+        f"data.root={root}/shards/sample",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        f"run.storage={root}/runs",
+        "--set",
+        "train.epochs=1",
     )
     videos = f"{root}/videos"
     for i in range(4):
         storage.write_bytes(storage.join(videos, f"clip{i}.mp4"), REAL_VIDEO.read_bytes())
     out = f"{root}/labels"
     summary = submit(
-        two_node_cluster, "jobs/label_videos.py", videos, out, "--checkpoint", finetune["checkpoint"], "--detect-max-side", "320"
+        two_node_cluster,
+        "jobs/label_videos.py",
+        videos,
+        out,
+        "--checkpoint",
+        finetune["checkpoint"],
+        "--detect-max-side",
+        "320",
     )
     assert summary["job"] == "label" and summary["ok"] == 4
     assert "nodes" in summary, "the label summary must name the nodes its Ray Data work ran on"

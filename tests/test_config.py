@@ -8,13 +8,12 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
 
 from affectray import config
-
 from affectray.config import (
     ConfigError,
     add_config_arguments,
@@ -35,7 +34,7 @@ class DataCfg:
     root: str  # required
     splits: tuple[str, ...] = ("train", "val")
     image_size: int = 64
-    max_videos: Optional[int] = None
+    max_videos: int | None = None
 
 
 @dataclass
@@ -316,6 +315,7 @@ def test_s3_config_round_trip_and_missing_key(s3_bucket):
 
 def test_yaml_yes_and_no_reach_a_string_choice_as_words():
     """`--set run.use_gpu=yes`: YAML 1.1 reads yes as true; a Literal of words takes it back."""
+
     @dataclass
     class Gpu:
         use_gpu: Literal["auto", "yes", "no"] = "auto"

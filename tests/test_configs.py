@@ -12,15 +12,15 @@ import re
 from pathlib import Path
 
 import pytest
+from tests.conftest import REPO_ROOT
 
 from affectray.config import config_from_dict, config_to_dict, load_config
-from affectray.data.ingest import IngestConfig
+from affectray.ingest.job import IngestConfig
 from affectray.label.job import LabelConfig
 from affectray.runtime import job_config
 from affectray.train.finetune import FinetuneConfig
 from affectray.train.pretrain import PretrainConfig
 from affectray.tune import TuneConfig
-from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "jobs" / "configs"
 JOBS = {

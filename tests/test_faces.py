@@ -6,18 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from affectray.data.faces import (
-    Detection,
-    FaceDetector,
-    align_face,
-    align_faces,
-    decode_jpeg,
-    encode_jpeg,
-    face_template,
-    similarity_transform,
-)
-from affectray.data.tracking import IoUTracker, Track, box_iou, largest_track, select_tracks
-from affectray.data.video import iter_frames
+from affectray.faces.align import align_face, align_faces, face_template, similarity_transform
+from affectray.faces.detect import Detection, FaceDetector
+from affectray.faces.jpeg import decode_jpeg, encode_jpeg
+from affectray.faces.tracking import IoUTracker, Track, box_iou, largest_track, select_tracks
+from affectray.faces.video import iter_frames
 
 STRIDE = 6  # 12 of the 72 frames keep MTCNN on CPU to about a second
 

@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import REPO_ROOT
 
+from affectray import checkpoints as ckpt
 from affectray import storage
+from affectray.combine.cascade import combine_cascade
 from affectray.config import ConfigError, load_config
 from affectray.data.loaders import build_dataset, iter_train_batches
-from affectray.data.sample import ensure_sample_shards
+from affectray.models.ensembles import diversity_loss
 from affectray.models.inference import load_classifier
-from affectray.models.registry import ModelConfig
-from affectray.train import checkpoint as ckpt
+from affectray.models.registry import ModelConfig, create_model, create_model_from_description
+from affectray.sample.shards import ensure_sample_shards
 from affectray.train import evaluation
-from affectray.train.cascade import combine_cascade
 from affectray.train.finetune import (
     ClassifierTask,
     FinetuneConfig,
@@ -35,7 +37,6 @@ from affectray.train.finetune import (
     run_finetune,
     training_data,
 )
-from tests.conftest import REPO_ROOT
 
 SMOKE = REPO_ROOT / "jobs" / "configs" / "finetune-smoke.yaml"
 SIZE = 32
@@ -62,11 +63,19 @@ def smoke_config(shards: str, runs: Path, *overrides: str) -> FinetuneConfig:
 FAMILIES = {
     # name: (model section, data overrides)
     "frame": ({"name": "frame", "backbone": "test_resnet"}, {"mode": "frame"}),
-    "esr": ({"name": "esr", "backbone": "test_resnet", "extra": {"num_branches": 2, "shared_stages": 3, "diversity_weight": 0.1}}, {"mode": "frame"}),
-    "cfc_sp": ({"name": "cfc_sp", "backbone": "test_resnet", "window": 3}, {"mode": "clip", "num_frames": 3, "frame_stride": 2}),
-    "cnn_gru": ({"name": "cnn_gru", "backbone": "test_resnet", "window": 5, "extra": {"hidden_size": 32}}, {"mode": "clip", "num_frames": 5, "frame_stride": 1, "label": "frames"}),
-    "cnn_transformer": ({"name": "cnn_transformer", "backbone": "test_vit", "img_size": SIZE, "window": 5, "extra": {"embed_dim": 32, "num_heads": 2, "depth": 1}}, {"mode": "clip", "num_frames": 5, "frame_stride": 1}),
-    "video_encoder_classifier": ({"name": "video_encoder_classifier", "img_size": SIZE, "window": 4, "extra": {"backbone": "mae_dfer", "size": "tiny"}}, {"mode": "clip", "num_frames": 4, "frame_stride": 2}),
+    "esr": ({"name": "esr", "backbone": "test_resnet",
+             "extra": {"num_branches": 2, "shared_stages": 3, "diversity_weight": 0.1}},
+            {"mode": "frame"}),
+    "cfc_sp": ({"name": "cfc_sp", "backbone": "test_resnet", "window": 3},
+               {"mode": "clip", "num_frames": 3, "frame_stride": 2}),
+    "cnn_gru": ({"name": "cnn_gru", "backbone": "test_resnet", "window": 5, "extra": {"hidden_size": 32}},
+                {"mode": "clip", "num_frames": 5, "frame_stride": 1, "label": "frames"}),
+    "cnn_transformer": ({"name": "cnn_transformer", "backbone": "test_vit", "img_size": SIZE, "window": 5,
+                         "extra": {"embed_dim": 32, "num_heads": 2, "depth": 1}},
+                        {"mode": "clip", "num_frames": 5, "frame_stride": 1}),
+    "video_encoder_classifier": ({"name": "video_encoder_classifier", "img_size": SIZE, "window": 4,
+                                  "extra": {"backbone": "mae_dfer", "size": "tiny"}},
+                                 {"mode": "clip", "num_frames": 4, "frame_stride": 2}),
     "cfc_cascade": ({"name": "cfc_cascade", "extra": {
         "coarse": {"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 5}},
         "negative": {"name": "frame", "kwargs": {"backbone": "test_resnet", "num_classes": 4}},
@@ -85,7 +94,8 @@ def test_each_family_learns_a_batch_through_the_task(family, shards, tmp_path):
         model=ModelConfig(**model_section),
     )
     description = model_description(config)
-    task = ClassifierTask(config, description, class_weights(config))
+    # As run_finetune: the class weights the model takes (none for the cascade).
+    task = ClassifierTask(config, description, class_weights(config, create_model_from_description(description)))
     torch.manual_seed(0)
     model = task.build_model()
     check_geometry(model, config.data)
@@ -120,7 +130,7 @@ def test_config_mistakes_name_the_setting(shards, tmp_path):
     with pytest.raises(ConfigError, match="val_fraction"):
         smoke_config(shards, tmp_path, "data.val_fraction=0.0")
     with pytest.raises(ConfigError, match="cfc_cascade"):
-        smoke_config(shards, tmp_path, "model.name=cfc_cascade", "class_view=coarse")
+        model_description(smoke_config(shards, tmp_path, "model.name=cfc_cascade", "class_view=coarse"))
     config = smoke_config(shards, tmp_path, "model.name=cnn_gru", "model.window=5")
     model = task_model(config)
     with pytest.raises(ConfigError, match="data.mode=clip"):
@@ -129,6 +139,66 @@ def test_config_mistakes_name_the_setting(shards, tmp_path):
         check_geometry(model, dataclasses.replace(config.data, mode="clip", num_frames=3))
     with pytest.raises(ConfigError, match="num_classes"):
         model_description(smoke_config(shards, tmp_path, "model.num_classes=8", "class_view=negative"))
+
+
+def unit_config(**model) -> FinetuneConfig:
+    """A frame-model config for tests that build the task without data or Ray."""
+    data = dataclasses.replace(FinetuneConfig().data, root="unused", image_size=SIZE)
+    return FinetuneConfig(data=data, model=ModelConfig(**model))
+
+
+def test_weighted_ensembles_are_joined_not_fine_tuned():
+    config = unit_config(name="weighted_ensemble")
+    # Refused before any work (no shards, no Ray), with what to do instead.
+    with pytest.raises(ConfigError, match=r"joined from trained checkpoints by `affectray ensemble`"):
+        run_finetune(config)
+
+
+def test_the_task_trains_with_the_models_own_loss():
+    """ESR through the fine-tuning task: per-branch weighted, smoothed CE plus loss.diversity_weight's term."""
+    config = unit_config(name="esr", backbone="test_resnet", extra={"num_branches": 3, "shared_stages": 3})
+    config = dataclasses.replace(
+        config, loss=dataclasses.replace(config.loss, label_smoothing=0.1, diversity_weight=0.3)
+    )
+    description = model_description(config)
+    assert description["kwargs"]["diversity_weight"] == 0.3  # the model's argument: checkpoints record it
+    weights = [0.5, 1.0, 1.5, 1.0, 0.8, 1.2, 1.0, 1.0]
+    task = ClassifierTask(config, description, weights)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    inputs = torch.randn(6, 3, SIZE, SIZE)
+    targets = torch.tensor([0, 1, 2, 3, 7, -1])
+    loss, _ = task.loss(model, (inputs, targets))
+    with torch.no_grad():
+        out = model(inputs)
+    w = torch.tensor(weights)
+    ce = sum(
+        torch.nn.functional.cross_entropy(b, targets, weight=w, ignore_index=-1, label_smoothing=0.1)
+        for b in out["branch_logits"]
+    )
+    assert torch.allclose(loss, ce + 0.3 * diversity_loss(out["branch_features"]), atol=1e-5)
+    assert torch.allclose(loss, model.loss(out, targets, class_weights=w, label_smoothing=0.1)[0], atol=1e-6)
+
+
+def test_checkpoints_describe_the_built_model_without_weight_files(tmp_path):
+    """A driver-local weights_path builds the model once; the checkpoint carries weights, not the path."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = create_model("frame", backbone="test_resnet")
+    save_file(source.backbone.state_dict(), tmp_path / "backbone.safetensors")
+    config = unit_config(
+        name="frame", backbone="test_resnet", extra={"weights_path": str(tmp_path / "backbone.safetensors")}
+    )
+    task = ClassifierTask(config, model_description(config), None)
+    model = task.build_model()
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in source.backbone.state_dict().items())
+    meta = task.checkpoint_meta()
+    assert meta["model"] == model.describe()
+    assert meta["model"]["kwargs"]["weights_path"] is None and meta["model"]["kwargs"]["num_classes"] == 8
+    (tmp_path / "backbone.safetensors").unlink()  # as on a label actor's machine: the file is not there
+    ckpt.save_checkpoint(tmp_path / "ckpt", model, meta)
+    assert load_classifier(str(tmp_path / "ckpt")).model.describe() == model.describe()
 
 
 def task_model(config: FinetuneConfig):
@@ -150,7 +220,7 @@ def test_class_weights_follow_the_views_label_counts(shards, tmp_path):
 
 
 def test_init_from_a_pretraining_checkpoint_loads_the_encoder(tmp_path):
-    from affectray.models.mae import build_pretrain_model
+    from affectray.models.video_classifier import build_pretrain_model
 
     pretrained = build_pretrain_model("mae_dfer", "tiny", img_size=SIZE, num_frames=4)
     ckpt.save_checkpoint(tmp_path / "pre", pretrained, {"kind": "pretrain"})
@@ -254,7 +324,9 @@ def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
     np.testing.assert_allclose(probs[:, [1, 2, 3, 5]].sum(axis=1), coarse[:, 4], atol=1e-5)
     # The joined checkpoint evaluates as one 8-class model on the stages' validation videos.
     evaluated = evaluation.main(
-        argparse.Namespace(checkpoint=out, shards=shards, split=None, all=False, batch_size=64, smooth_window=None, address=None)
+        argparse.Namespace(
+            checkpoint=out, shards=shards, split=None, all=False, batch_size=64, smooth_window=None, address=None
+        )
     )
     assert evaluated["num_classes"] == 8 and np.array(evaluated["metrics"]["confusion"]).shape == (8, 8)
     with pytest.raises(ckpt.CheckpointError, match="negative-view"):
@@ -263,9 +335,9 @@ def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
 
 def test_members_join_into_a_weighted_ensemble_checkpoint(tmp_path):
     """ABAW2021: a frame CNN and a CNN-GRU trained apart, labelled as one model."""
+    from affectray.combine.ensemble import combine_ensemble
     from affectray.labels import ABAW8
     from affectray.models.registry import create_model
-    from affectray.train.ensemble import combine_ensemble
 
     def member(name: str, model, mode: str, num_frames: int) -> str:
         meta = {

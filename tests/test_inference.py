@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from affectray import storage
+from affectray.checkpoints import CheckpointError, save_checkpoint
 from affectray.labels import ABAW8
 from affectray.models.inference import load_classifier, track_windows
 from affectray.models.registry import create_model
-from affectray.train.checkpoint import CheckpointError, save_checkpoint
 
 S = 32
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -81,9 +81,7 @@ def test_faces_of_another_size_are_resized_to_the_checkpoints(tmp_path):
 
 
 def test_track_windows_are_centred_strided_and_clamped():
-    np.testing.assert_array_equal(
-        track_windows(5, 3, 2), [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]]
-    )
+    np.testing.assert_array_equal(track_windows(5, 3, 2), [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]])
     np.testing.assert_array_equal(track_windows(1, 4, 1), [[0, 0, 0, 0]])
     assert track_windows(0, 3, 1).shape == (0, 3)
 

@@ -6,22 +6,22 @@ import argparse
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from tests.conftest import REPO_ROOT
 
 from affectray import config as config_lib
 from affectray import storage
 from affectray.config import ConfigError
-from affectray.data import ingest, shards
-from affectray.data.annotations import parse_expr_annotation
-from affectray.data.faces import decode_jpeg
-from affectray.data.ingest import IngestConfig, run_ingest
-from affectray.data.sources import SourceError
-from tests.conftest import REPO_ROOT
+from affectray.data import shards
+from affectray.faces.jpeg import decode_jpeg
+from affectray.ingest import job as ingest
+from affectray.ingest.annotations import parse_expr_annotation
+from affectray.ingest.job import IngestConfig, run_ingest
+from affectray.ingest.sources import SourceError
 
 
 def _read_rows(root: str) -> pd.DataFrame:
@@ -166,7 +166,9 @@ def test_dfew_csv_refuses_traversal(ray_session, sample_corpus, tmp_path):
 @pytest.mark.slow
 def test_job_script_help_and_bad_source(tmp_path):
     script = REPO_ROOT / "jobs" / "ingest.py"
-    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--layout" in help_text and "aligned-frames" in help_text
     missing = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True
@@ -191,9 +193,7 @@ def _args(*argv: str) -> argparse.Namespace:
 @pytest.fixture
 def ingest_yaml(tmp_path):
     path = tmp_path / "ingest.yaml"
-    path.write_text(
-        "source: corpus/aligned\nout: shards\nlayout: aligned-frames\nimage_size: 64\nmin_face_size: 30\n"
-    )
+    path.write_text("source: corpus/aligned\nout: shards\nlayout: aligned-frames\nimage_size: 64\nmin_face_size: 30\n")
     return str(path)
 
 

@@ -23,11 +23,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tests.conftest import REPO_ROOT
 
 from affectray import storage
+from affectray.checkpoints import save_checkpoint
 from affectray.config import ConfigError
-from affectray.data.annotations import parse_expr_annotation
-from affectray.data.sources import SourceError
+from affectray.errors import JobError
+from affectray.ingest.annotations import parse_expr_annotation
+from affectray.ingest.sources import SourceError
 from affectray.label import job, outputs
 from affectray.label.inputs import list_inputs, video_key
 from affectray.label.job import LabelConfig, run_label
@@ -43,9 +46,6 @@ from affectray.label.pipeline import (
 from affectray.labels import ABAW8
 from affectray.models.inference import load_classifier
 from affectray.models.registry import create_model
-from affectray.errors import JobError
-from affectray.train.checkpoint import save_checkpoint
-from tests.conftest import REPO_ROOT
 
 SIZE = 48  # classifier input side: faces are aligned straight to it
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -155,7 +155,9 @@ def test_inputs_from_an_s3_prefix_and_glob(tmp_path, s3_bucket):
     _touch_videos(tmp_path, ["a/clip.mp4", "b/clip.mp4", "b/other.webm"])
     storage.upload_dir(tmp_path, f"{s3_bucket}/raw")
     listed = list_inputs(f"{s3_bucket}/raw/")
-    assert sorted(v.uri for v in listed.videos) == [f"{s3_bucket}/raw/{n}" for n in ("a/clip.mp4", "b/clip.mp4", "b/other.webm")]
+    assert sorted(v.uri for v in listed.videos) == [
+        f"{s3_bucket}/raw/{n}" for n in ("a/clip.mp4", "b/clip.mp4", "b/other.webm")
+    ]
     globbed = list_inputs(f"{s3_bucket}/raw/*/clip.mp4")
     assert {v.key for v in globbed.videos} == {v.key for v in listed.videos if v.name.endswith("clip.mp4")}
 
@@ -200,7 +202,9 @@ def test_window_classifier_over_chunks_equals_the_whole_track(tmp_path):
             seconds={},
         )
         chunk.pop("images")
-        row = stage({"key": np.array(["v"]), "part": np.array([part]), "payload": np.array([pickle.dumps(chunk)], dtype=object)})
+        row = stage(
+            {"key": np.array(["v"]), "part": np.array([part]), "payload": np.array([pickle.dumps(chunk)], dtype=object)}
+        )
         out = pickle.loads(row["payload"][0])
         assert "crops" not in out and out["frame_index"].tolist() == list(range(*chunk["core"]))
         probs.append(out["probs"])
@@ -254,8 +258,8 @@ def test_label_table_has_a_row_per_frame_and_face():
 
 def test_detecting_between_key_frames_near_their_faces_finds_what_detection_finds(real_video):
     """--detect-every 4: between key frames MTCNN looks only near the key frame's faces, and finds the same."""
-    from affectray.data.faces import FaceDetector, detect_and_align
-    from affectray.data.video import iter_frames
+    from affectray.faces.detect import FaceDetector, detect_and_align
+    from affectray.faces.video import iter_frames
 
     frames = next(iter(iter_frames(real_video, batch_size=16))).images
     detector = FaceDetector()
@@ -363,7 +367,9 @@ def test_corpus_on_s3_every_frame_a_row_bad_inputs_reported(ray_session, s3_buck
 
     # The same OUT with another model is refused rather than mixed.
     torch.manual_seed(1)
-    other = save_classifier(Path(checkpoint).parent / "other", create_model("frame", backbone="test_resnet", num_classes=8))
+    other = save_classifier(
+        Path(checkpoint).parent / "other", create_model("frame", backbone="test_resnet", num_classes=8)
+    )
     with pytest.raises(JobError, match="model_id"):
         run_label(LabelConfig(f"{s3_bucket}/raw", out, other, detect_max_side=320), progress=False)
 
@@ -424,7 +430,7 @@ def test_trained_checkpoint_labels_held_out_videos_well_above_chance(ray_session
     """
     import torch.nn.functional as F
 
-    from affectray.data.synth import SynthConfig, draw_face, write_sample_corpus
+    from affectray.sample.synth import SynthConfig, draw_face, write_sample_corpus
 
     # Training faces: the corpus's own generator, a fresh identity, pose and colour per face.
     rng = np.random.default_rng(7)
@@ -460,7 +466,9 @@ def test_trained_checkpoint_labels_held_out_videos_well_above_chance(ray_session
 
     videos = root / "aligned"
     out = tmp_path / "out"
-    summary = run_label(LabelConfig(str(videos), str(out), ckpt, layout="aligned-frames", frames_fps=25), progress=False)
+    summary = run_label(
+        LabelConfig(str(videos), str(out), ckpt, layout="aligned-frames", frames_fps=25), progress=False
+    )
     assert summary["ok"] == 2 and summary["frames"] == summary["faces"] == 96
     rows = outputs.read_labels(str(out)).to_pandas()
     for folder in held_out:
@@ -481,13 +489,18 @@ def test_trained_checkpoint_labels_held_out_videos_well_above_chance(ray_session
 
 def test_job_script_help_and_bad_inputs_exit_2_without_traceback(tmp_path, checkpoint):
     script = REPO_ROOT / "jobs" / "label_videos.py"
-    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--checkpoint" in help_text and "--fail-fast" in help_text and "manifest" in help_text
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "clip.mp4").write_bytes(b"")
     for args, expected in [
         ([str(tmp_path / "nope"), str(tmp_path / "out"), "--checkpoint", checkpoint], "not found"),
-        ([str(tmp_path / "videos"), str(tmp_path / "out"), "--checkpoint", str(tmp_path)], "not an affectray checkpoint"),
+        (
+            [str(tmp_path / "videos"), str(tmp_path / "out"), "--checkpoint", str(tmp_path)],
+            "not an affectray checkpoint",
+        ),
         ([str(tmp_path / "videos"), str(tmp_path / "out"), "--checkpoint", checkpoint, "--smooth-window", "4"], "odd"),
     ]:
         run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
@@ -509,9 +522,7 @@ def _label_args(*argv: str) -> argparse.Namespace:
 @pytest.fixture
 def label_yaml(tmp_path):
     path = tmp_path / "label.yaml"
-    path.write_text(
-        "videos: corpus/videos\nout: labels\ncheckpoint: builtin:tiny\ndetect_every: 2\nsmooth_window: 5\n"
-    )
+    path.write_text("videos: corpus/videos\nout: labels\ncheckpoint: builtin:tiny\ndetect_every: 2\nsmooth_window: 5\n")
     return str(path)
 
 

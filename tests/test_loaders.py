@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from affectray.data import loaders, shards
-from affectray.data.faces import encode_jpeg
 from affectray.data.loaders import (
     DataConfig,
     LoaderError,
@@ -31,6 +30,7 @@ from affectray.data.loaders import (
     to_model_input,
     window_positions,
 )
+from affectray.faces.jpeg import encode_jpeg
 
 # (first segment length, second segment length) per video; 7 is shorter than the span.
 SEGMENT_LENGTHS = [(20, 40), (33, 7), (25, 30), (40, 22)]
@@ -140,7 +140,9 @@ def test_window_positions_train_eval_short_and_dense():
     # Centre labels: only windows whose centre frame is labelled.
     labels = np.full(30, -1)
     labels[[13, 20]] = 1
-    kept = window_positions(30, labels, dataclasses.replace(cfg, label="center", clips_per_segment=5), train=False, rng=None)
+    kept = window_positions(
+        30, labels, dataclasses.replace(cfg, label="center", clips_per_segment=5), train=False, rng=None
+    )
     assert sorted(kept[:, 2].tolist()) == [13, 20]
 
 
@@ -325,7 +327,9 @@ def test_streaming_split_and_batch_iterators(ray_session, corpus):
 
     clip_cfg = DataConfig(root=corpus, label="center", clips_per_segment=2, **BASE)
     total = count_samples(clip_cfg, train=True)
-    batches = list(iter_train_batches(build_dataset(clip_cfg, train=True), clip_cfg, batch_size=4, epoch=0, device="cpu"))
+    batches = list(
+        iter_train_batches(build_dataset(clip_cfg, train=True), clip_cfg, batch_size=4, epoch=0, device="cpu")
+    )
     assert len(batches) == total // 4  # the incomplete last batch is dropped
     inputs, targets = batches[0]
     assert inputs.shape == (4, 3, 4, SIZE, SIZE) and targets.dtype == torch.int64 and (targets >= 0).all()

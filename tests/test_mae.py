@@ -10,17 +10,10 @@ import pytest
 import torch
 
 from affectray.models.lgi_former import MAEDFER, LGIFormerEncoder, region_merge, region_partition
-from affectray.models.mae import (
-    VideoMAE,
-    VideoViTEncoder,
-    build_pretrain_model,
-    build_video_encoder,
-    load_encoder_from_pretrain,
-    param_groups_lrd,
-    patchify,
-    unpatchify,
-)
+from affectray.models.mae import VideoMAE, VideoViTEncoder, patchify, unpatchify
 from affectray.models.registry import ModelError, create_model, create_model_from_description
+from affectray.models.video_classifier import build_pretrain_model, build_video_encoder, load_encoder_from_pretrain
+from affectray.train.optim import param_groups_lrd
 
 FAMILIES = ["videomae", "mae_dfer"]
 

@@ -1,5 +1,6 @@
 """Models: shapes, gradients, the CFC cascade's fused distribution, self-describing rebuilds,
-smoothing, ESR diversity, the weighted ensemble, and a loss that falls.
+smoothing, ESR diversity, the weighted ensemble, each family's own loss and probabilities
+(what training and inference call), and a loss that falls.
 
 Tiny timm backbones (test_resnet, test_vit, test_efficientnet: 0.1-0.4 M parameters) at 32 px, on CPU.
 """
@@ -29,7 +30,12 @@ TINY: dict[str, dict] = {
     "cfc_sp": {**TINY_RESNET, "num_classes": 8, "window": 3, "pooling": "attention", "fusion": "gate"},
     "cnn_gru": {**TINY_RESNET, "window": 3, "hidden_size": 32, "bidirectional": True},
     "cnn_transformer": {
-        "backbone": "test_vit", "img_size": S, "window": 5, "embed_dim": 32, "num_heads": 2, "depth": 1,
+        "backbone": "test_vit",
+        "img_size": S,
+        "window": 5,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "depth": 1,
     },
     "esr": {**TINY_RESNET, "num_branches": 2, "shared_stages": 3},
     "cfc_cascade": {
@@ -294,7 +300,7 @@ def test_esr_diversity_lower_for_different_branches_and_gradients_reach_every_br
     assert torch.allclose(same, torch.tensor(1.0), atol=1e-5)
     assert differing < same - 0.01
 
-    loss = model.loss(out, y)
+    loss, _ = model.loss(out, y)  # what fine-tuning calls (ClassifierTask.loss)
     ce = sum(F.cross_entropy(out["branch_logits"][i], y) for i in range(3))
     assert torch.allclose(loss, ce + 0.5 * differing, atol=1e-5)
     assert torch.allclose(esr_loss(out, y, 0.0), ce, atol=1e-5)
@@ -339,6 +345,82 @@ def test_weighted_ensemble_rejects_bad_weights():
 
 
 # ---------------------------------------------------------------------------
+# The classifier protocol (models/heads.py): each family's own loss and probabilities
+# ---------------------------------------------------------------------------
+
+
+def _hand_loss(name: str, model, out: dict, y: torch.Tensor, weights, smoothing: float) -> torch.Tensor:
+    """Each family's training loss written out, for one target per sample [B] (-1 = unlabelled)."""
+    ce = {"weight": weights, "ignore_index": -1, "label_smoothing": smoothing}
+    if name == "cfc_cascade":  # stage-wise: coarse on every frame, negative on negative frames only
+        coarse_t = torch.where(y >= 0, torch.as_tensor(to_coarse(y.clamp(min=0).numpy())), -1)
+        negative_t = torch.where(y >= 0, torch.as_tensor(to_negative(y.clamp(min=0).numpy())), -1)
+        keep = negative_t >= 0
+        return F.cross_entropy(out["coarse_logits"], coarse_t, **ce) + F.cross_entropy(
+            out["negative_logits"][keep], negative_t[keep], label_smoothing=smoothing
+        )
+    if name == "esr":  # every branch on its own, plus the diversity term at the config's weight
+        branches = sum(F.cross_entropy(logits, y, **ce) for logits in out["branch_logits"])
+        return branches + model.cfg.diversity_weight * diversity_loss(out["branch_features"])
+    logits = out["logits"]
+    if name in MANY_TO_MANY:  # one target per window: its centre frame
+        logits = logits[:, logits.shape[1] // 2]
+    return F.cross_entropy(logits, y, **ce)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_familys_loss_is_its_training_formula(name):
+    model = tiny(name).eval()
+    x = model_input(model, batch=6)
+    with torch.no_grad():
+        out = model(x)
+    c = model.num_classes
+    y = torch.tensor([0, 1, 2, 3, 7, -1])  # ABAW8: Neutral, three negative classes, Other, unlabelled
+    # The cascade balances classes by its coarse/negative split and refuses class weights.
+    weights = torch.linspace(0.5, 1.5, c) if model.class_weighted else None
+    loss, extras = model.loss(out, y, class_weights=weights, label_smoothing=0.1)
+    assert isinstance(extras, dict)
+    assert torch.allclose(loss, _hand_loss(name, model, out, y, weights, 0.1), atol=1e-5), name
+    if not model.class_weighted:
+        with pytest.raises(ValueError, match="class weights"):
+            model.loss(out, y, class_weights=torch.ones(c))
+
+    # Per-frame targets [B, T]: many-to-many models score every frame, the others the centre frame.
+    frames = x.shape[1] if x.dim() == 5 else T
+    y_frames = torch.randint(0, c, (6, frames), generator=torch.Generator().manual_seed(7))
+    by_frame, _ = model.loss(out, y_frames)
+    if name in MANY_TO_MANY:
+        expected = F.cross_entropy(out["logits"].reshape(-1, c), y_frames.reshape(-1))
+    else:
+        expected, _ = model.loss(out, y_frames[:, frames // 2])
+    assert torch.allclose(by_frame, expected, atol=1e-6)
+
+    # No labelled frame at all: no NaN, and a graph to step on (ESR keeps its diversity term).
+    empty, _ = model.loss(model(x), torch.full((6,), -1))
+    assert torch.isfinite(empty) and empty.requires_grad
+    if name != "esr":
+        assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_familys_probabilities(name):
+    model = tiny(name).eval()
+    x = model_input(model, batch=3)
+    with torch.no_grad():
+        out = model(x)
+    probs = model.probabilities(out)
+    assert probs.shape == (3, model.num_classes) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-5)
+    if "probs" in out:  # the cascade and the ensemble mix probabilities themselves
+        expected = out["probs"]
+    elif name in MANY_TO_MANY:
+        expected = out["logits"][:, T // 2].softmax(-1)
+    else:
+        expected = out["logits"].softmax(-1)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # Training signal: a tiny fixed batch is learnable by every family
 # ---------------------------------------------------------------------------
 
@@ -352,11 +434,7 @@ def test_twenty_steps_overfit_a_tiny_batch(name):
     y = torch.randint(0, model.num_classes, shape, generator=g)
 
     def loss_fn(out):
-        if name == "esr":
-            return model.loss(out, y)
-        if name == "cfc_cascade":
-            return cascade_loss(out, y)
-        return F.cross_entropy(out["logits"].reshape(-1, model.num_classes), y.reshape(-1))
+        return model.loss(out, y)[0]  # each family's own training loss, as fine-tuning calls it
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from facenet_pytorch import MTCNN
 
-from affectray.data.mtcnn import Cascade, _crop_means, _level, area_windows, summed_area
-from affectray.data.tracking import box_iou
-from affectray.data.video import iter_frames
+from affectray.faces.mtcnn import Cascade, _crop_means, _level, area_windows, summed_area
+from affectray.faces.video import iter_frames
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,9 @@ def real_frames(real_video) -> list[np.ndarray]:
     return frames + [pair]
 
 
-@pytest.mark.parametrize(("height", "width", "out_h", "out_w"), [(37, 53, 24, 24), (360, 640, 217, 385), (7, 5, 24, 24), (48, 48, 48, 48)])
+@pytest.mark.parametrize(
+    ("height", "width", "out_h", "out_w"), [(37, 53, 24, 24), (360, 640, 217, 385), (7, 5, 24, 24), (48, 48, 48, 48)]
+)
 def test_area_resampling_is_torch_area_interpolation(height, width, out_h, out_w):
     """Shrinking, growing (out > in) and identity: torch's adaptive average pooling, to float rounding."""
     rng = np.random.default_rng(height)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from tests.conftest import REPO_ROOT
 
+from affectray import checkpoints as ckpt
 from affectray import storage
 from affectray.config import load_config
-from affectray.data.sample import ensure_sample_shards
-from affectray.train import checkpoint as ckpt
+from affectray.sample.shards import ensure_sample_shards
 from affectray.train.pretrain import PretrainConfig, run_pretrain
-from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +61,20 @@ def test_videomae_survives_a_worker_failure_and_checkpoints_to_s3(sample_shards_
     assert any(k.startswith("encoder.") for k in weights)
 
     # The same command again finds the finished run and continues from its checkpoint.
-    again = run_pretrain(load_config(PretrainConfig, SMOKE, [
-        f"data.root={sample_shards_s3}", "run.storage=s3://pretrain-data/runs", "run.name=videomae-fail",
-        "train.max_steps=14", "train.epochs=20", "train.checkpoint_every=4",
-    ]))
+    again = run_pretrain(
+        load_config(
+            PretrainConfig,
+            SMOKE,
+            [
+                f"data.root={sample_shards_s3}",
+                "run.storage=s3://pretrain-data/runs",
+                "run.name=videomae-fail",
+                "train.max_steps=14",
+                "train.epochs=20",
+                "train.checkpoint_every=4",
+            ],
+        )
+    )
     assert again["resumed_from_step"] == 12 and again["steps"] == 14
 
 

@@ -30,12 +30,12 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from tests.conftest import REPO_ROOT, _free_port
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,12 @@ def _run(name: str, command: str, cwd: Path, env: dict[str, str], timeout: float
 def _run_once(name: str, command: str, cwd: Path, env: dict[str, str], timeout: float) -> Run:
     start = time.monotonic()
     proc = subprocess.Popen(
-        shlex.split(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        shlex.split(command),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -164,7 +169,9 @@ def check_run(run: Run, *expected_keys: str) -> dict[str, Any]:
             continue  # s3://…: not on this disk
         local = value.removeprefix("file://")
         assert os.path.isabs(local), f"`{run.command}`: summary {key!r} is not absolute: {value!r}"
-        assert os.path.exists(local), f"`{run.command}`: summary {key!r} names {value!r}, which does not exist after the job"
+        assert os.path.exists(local), (
+            f"`{run.command}`: summary {key!r} names {value!r}, which does not exist after the job"
+        )
         parts = Path(local).parts
         assert not any(p in RAY_PACKAGE_PARTS or p.startswith("_ray_pkg_") for p in parts), (
             f"`{run.command}`: summary {key!r} lies in Ray's temporary package: {value!r}"
@@ -180,10 +187,15 @@ def check_run(run: Run, *expected_keys: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Iterator[Path]:
     """A copy of the checkout's files (tracked and untracked-but-not-ignored): no outputs, no venv."""
-    listed = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        check=True, capture_output=True,
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     root = tmp_path_factory.mktemp("checkout")
     for rel in filter(None, listed):
         source = REPO_ROOT / rel
@@ -314,12 +326,24 @@ def head(tmp_path_factory, checkout) -> Iterator[Head]:
         for attempt in range(2):
             proc = subprocess.Popen(
                 [
-                    str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=8", f"--temp-dir={temp_dir}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                    str(VENV_BIN / "ray"),
+                    "start",
+                    "--head",
+                    f"--port={gcs}",
+                    "--num-cpus=8",
+                    f"--temp-dir={temp_dir}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}",
+                    f"--dashboard-agent-listen-port={agent}",
                     "--disable-usage-stats",
                 ],
-                env=node_env, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=node_env,
+                cwd=checkout,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 start_new_session=True,
             )
             sessions.add(proc.pid)  # the session id is the leader's pid; Ray's daemons stay in it

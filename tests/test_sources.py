@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from affectray import storage
-from affectray.data.annotations import (
+from affectray.ingest.annotations import (
     AnnotationError,
     detect_annotation_kind,
     find_annotations,
@@ -19,7 +19,7 @@ from affectray.data.annotations import (
     parse_va_annotation,
     read_annotation,
 )
-from affectray.data.sources import SourceError, WorkUnit, list_units, unit_key
+from affectray.ingest.sources import SourceError, WorkUnit, list_units, unit_key
 from affectray.labels import ABAW8
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+-[0-9a-f]{8}$")

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from affectray.data.synth import (
+from affectray.sample.synth import (
     EXPR_CLASSES,
     EXPR_HEADER,
     SEGMENT_FRAMES,
@@ -127,7 +127,7 @@ def test_frames_decode_at_the_configured_size(sample_corpus):
 
 
 def test_ingest_reads_the_annotations_as_written(sample_corpus):
-    from affectray.data.annotations import parse_expr_annotation
+    from affectray.ingest.annotations import parse_expr_annotation
 
     paths = sorted((sample_corpus / "annotations").glob("*.txt"))
     assert len(paths) == 6
@@ -180,7 +180,7 @@ def test_rewrite_replaces_an_earlier_corpus_and_refuses_other_dirs(tmp_path):
 def test_cli_verb_writes_a_corpus_and_urls_are_refused(tmp_path):
     import argparse
 
-    from affectray.data import synth
+    from affectray.sample import synth
 
     parser = argparse.ArgumentParser()
     synth.add_arguments(parser)

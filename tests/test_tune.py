@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import REPO_ROOT
 
 from affectray import storage
 from affectray.config import ConfigError, load_config
-from affectray.data.sample import ensure_sample_shards
+from affectray.sample.shards import ensure_sample_shards
 from affectray.train.finetune import FinetuneConfig, run_finetune
 from affectray.tune import TuneConfig, run_tune, search_space
-from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,12 @@ def write_sweep(tmp_path: Path, shards: str, name: str, space: dict, num_samples
                 ],
                 "space": space,
                 "search": {
-                    "name": name, "storage": str(tmp_path / "sweeps"), "num_samples": num_samples,
-                    "max_concurrent_trials": 2, "seed": 3, **search,
+                    "name": name,
+                    "storage": str(tmp_path / "sweeps"),
+                    "num_samples": num_samples,
+                    "max_concurrent_trials": 2,
+                    "seed": 3,
+                    **search,
                 },
             }  # fmt: skip
         )

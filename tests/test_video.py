@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from affectray.data import video
-from affectray.data.video import VideoDecodeError, iter_frames, probe
+from affectray.faces import video
+from affectray.faces.video import VideoDecodeError, iter_frames, probe
 
 
 def _all_frames(source, **kwargs):

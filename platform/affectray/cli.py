@@ -14,12 +14,15 @@ import sys
 # verb -> (module, one-line help). Modules are imported only for the verb used,
 # so `affectray --help` stays fast and a verb's heavy imports cost nothing elsewhere.
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("affectray.data.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
-    "ingest": ("affectray.data.ingest", "turn videos, frame folders or image folders into aligned-face segment shards"),
+    "synth": ("affectray.sample.synth", "write the built-in sample corpus (drawn faces + real-face videos)"),
+    "ingest": ("affectray.ingest.job", "turn videos, frame folders or image folders into aligned-face segment shards"),
     "pretrain": ("affectray.train.pretrain", "pretrain VideoMAE / MAE-DFER on segment shards with Ray Train"),
-    "finetune": ("affectray.train.finetune", "fine-tune an expression classifier (CFC-SP, CNN-GRU, ESR, MAE-DFER, ...)"),
-    "cascade": ("affectray.train.cascade", "join coarse and negative CFC-SP checkpoints into one 8-class model"),
-    "ensemble": ("affectray.train.ensemble", "join fine-tuned classifiers into one weighted ensemble (ABAW2021)"),
+    "finetune": (
+        "affectray.train.finetune",
+        "fine-tune an expression classifier (CFC-SP, CNN-GRU, ESR, MAE-DFER, ...)",
+    ),
+    "cascade": ("affectray.combine.cascade", "join coarse and negative CFC-SP checkpoints into one 8-class model"),
+    "ensemble": ("affectray.combine.ensemble", "join fine-tuned classifiers into one weighted ensemble (ABAW2021)"),
     "evaluate": ("affectray.train.evaluation", "score a classifier checkpoint on shards: macro F1, accuracy, UAR, WAR"),
     "label": ("affectray.label.job", "label whole video corpora with a classifier checkpoint (one Parquet per video)"),
     "tune": ("affectray.tune", "sweep fine-tuning hyperparameters with Ray Tune + Optuna (TPE) + ASHA, resumable"),

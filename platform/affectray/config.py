@@ -258,10 +258,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise _mismatch(key, tp, value)
         key_tp, val_tp = args if args else (Any, Any)
-        return {
-            _build(key_tp, k, f"{key} key {k!r}"): _build(val_tp, v, _join(key, str(k)))
-            for k, v in value.items()
-        }
+        return {_build(key_tp, k, f"{key} key {k!r}"): _build(val_tp, v, _join(key, str(k))) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise _mismatch(key, tp, value)

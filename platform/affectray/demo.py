@@ -31,10 +31,10 @@ def _step(title: str) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from affectray.config import load_config
-    from affectray.data.ingest import IngestConfig, run_ingest
-    from affectray.data.sample import SAMPLE_VIDEOS
-    from affectray.data.synth import SynthConfig, write_sample_corpus
+    from affectray.ingest.job import IngestConfig, run_ingest
     from affectray.report import loss_curve, shard_contact_sheet
+    from affectray.sample.shards import SAMPLE_VIDEOS
+    from affectray.sample.synth import SynthConfig, write_sample_corpus
     from affectray.train.pretrain import PretrainConfig, run_pretrain
 
     start = time.perf_counter()
@@ -82,7 +82,9 @@ def main(args: argparse.Namespace) -> None:
     outputs["pretrain"] = run_pretrain(config)
     history = _history(out / "runs" / config.run.name)
     if history:
-        outputs["pretrain_loss_png"] = loss_curve(history, str(out / "runs" / "pretrain-loss.png"), title="VideoMAE tiny")
+        outputs["pretrain_loss_png"] = loss_curve(
+            history, str(out / "runs" / "pretrain-loss.png"), title="VideoMAE tiny"
+        )
 
     _step("5/6 fine-tune an 8-class expression classifier, validated on held-out identities")
     from affectray.train.finetune import FinetuneConfig, run_finetune
@@ -113,14 +115,19 @@ def main(args: argparse.Namespace) -> None:
     )
     outputs["label_report"] = outputs["label"]["report"]
 
-    summary = {"job": "demo", "out": str(out), "seconds": round(time.perf_counter() - start, 1), **{
-        k: v for k, v in outputs.items() if isinstance(v, str)
-    }, "pretrain": {k: outputs["pretrain"][k] for k in ("steps", "first_loss", "last_loss", "checkpoint")},
+    summary = {
+        "job": "demo",
+        "out": str(out),
+        "seconds": round(time.perf_counter() - start, 1),
+        **{k: v for k, v in outputs.items() if isinstance(v, str)},
+        "pretrain": {k: outputs["pretrain"][k] for k in ("steps", "first_loss", "last_loss", "checkpoint")},
         "finetune": {
-            "f1_macro": metrics["f1_macro"], "accuracy": metrics["accuracy"], "checkpoint": outputs["finetune"]["checkpoint"]
+            "f1_macro": metrics["f1_macro"],
+            "accuracy": metrics["accuracy"],
+            "checkpoint": outputs["finetune"]["checkpoint"],
         },
         "label": {k: outputs["label"][k] for k in ("videos", "ok", "failed", "frames", "frames_per_second")},
-    }  # fmt: skip
+    }
     # The table is the last thing on screen: Ray's workers stop first (their buffered logs and
     # progress bars would otherwise keep arriving after it), then the JSON summary, then the table.
     import ray
@@ -129,7 +136,9 @@ def main(args: argparse.Namespace) -> None:
     emit_summary(summary)
     _step("outputs")
     for name, value in outputs.items():
-        where = value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint") or value.get("out")
+        where = (
+            value if isinstance(value, str) else value.get("manifest") or value.get("checkpoint") or value.get("out")
+        )
         print(f"  {name:18s} {where}", flush=True)
     return None
 

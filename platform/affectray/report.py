@@ -19,7 +19,7 @@ def shard_contact_sheet(root: str, out_png: str, *, faces: int = 32, columns: in
     import cv2
     import pyarrow.parquet as pq
 
-    from affectray.data.faces import decode_jpeg
+    from affectray.faces.jpeg import decode_jpeg
     from affectray.labels import ABAW8
 
     picked: list[tuple[bytes, int, str]] = []
@@ -34,7 +34,7 @@ def shard_contact_sheet(root: str, out_png: str, *, faces: int = 32, columns: in
     chosen = [picked[i] for i in np.linspace(0, len(picked) - 1, min(faces, len(picked))).astype(int)]
     rows = -(-len(chosen) // columns)
     sheet = np.full((rows * (tile + 16), columns * tile, 3), 255, np.uint8)
-    for k, (jpeg, label, video_id) in enumerate(chosen):
+    for k, (jpeg, label, _video_id) in enumerate(chosen):
         r, c = divmod(k, columns)
         face = cv2.resize(decode_jpeg(jpeg), (tile, tile), interpolation=cv2.INTER_AREA)
         y, x = r * (tile + 16), c * tile

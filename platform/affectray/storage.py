@@ -21,8 +21,9 @@ import os
 import posixpath
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import fsspec
@@ -71,9 +72,7 @@ def _scheme(uri: str) -> str:
     if scheme == "s3a":
         scheme = "s3"
     if scheme not in _SCHEMES:
-        raise StorageError(
-            f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://"
-        )
+        raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://")
     return scheme
 
 

@@ -210,7 +210,9 @@ def run_tune(config: TuneConfig, *, resume: bool = False) -> dict[str, Any]:
         )  # fmt: skip
     else:
         if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-            raise JobError(f"a sweep already exists at {sweep_uri!r}: resume it with --resume, or pick a new search.name")
+            raise JobError(
+                f"a sweep already exists at {sweep_uri!r}: resume it with --resume, or pick a new search.name"
+            )
         tuner = ray.tune.Tuner(
             trainable,
             param_space=param_space,
@@ -256,7 +258,9 @@ def summarise(config: TuneConfig, results, sweep_uri: str, start: float) -> dict
     finished = [r for r in results if r.error is None and r.metrics and search.metric in r.metrics]
     if not finished:
         reasons = "; ".join(_error_line(r.error) for r in errored[:3])
-        raise JobError(f"no trial of {sweep_uri!r} finished with {search.metric!r}" + (f": {reasons}" if reasons else ""))
+        raise JobError(
+            f"no trial of {sweep_uri!r} finished with {search.metric!r}" + (f": {reasons}" if reasons else "")
+        )
     best = results.get_best_result(metric=search.metric, mode=search.mode, scope="all", filter_nan_and_inf=True)
     best_params = {k: v for k, v in best.config.items() if k != "__affectray__"}
     best_value = _best_value(best, search.metric, search.mode)
@@ -272,7 +276,11 @@ def summarise(config: TuneConfig, results, sweep_uri: str, start: float) -> dict
     results_csv = storage.join(sweep_uri, "results.csv")
     storage.write_text(results_csv, _results_table(results, search.metric, search.mode).to_csv(index=False))
     values = [
-        (str(r.metrics.get("trial_id")), _best_value(r, search.metric, search.mode), r.metrics.get("training_iteration", 0))
+        (
+            str(r.metrics.get("trial_id")),
+            _best_value(r, search.metric, search.mode),
+            r.metrics.get("training_iteration", 0),
+        )
         for r in finished
     ]
     plot = trials_plot(values, storage.join(sweep_uri, "trials.png"), metric=search.metric, title=search.name)

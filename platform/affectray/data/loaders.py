@@ -42,8 +42,9 @@ import hashlib
 import math
 import posixpath
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -53,8 +54,8 @@ import pyarrow.compute as pc
 from affectray import storage
 from affectray.config import location
 from affectray.data import shards
-from affectray.data.faces import decode_jpeg
 from affectray.errors import AffectrayError
+from affectray.faces.jpeg import decode_jpeg
 
 if TYPE_CHECKING:
     import ray.data
@@ -165,9 +166,7 @@ def stable_video_hash(video_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def select_segments(
-    batch: pa.Table, *, split: str | None, val_fraction: float, holdout: bool
-) -> pa.Table:
+def select_segments(batch: pa.Table, *, split: str | None, val_fraction: float, holdout: bool) -> pa.Table:
     """Rows of the wanted split, from held-out videos (holdout) or from the others.
 
     A video is held out when ``stable_video_hash(video_id) < val_fraction``; with
@@ -288,7 +287,9 @@ def _jitter(clip: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
     return out
 
 
-def transform_clip(frames: list[np.ndarray], cfg: DataConfig, *, train: bool, rng: np.random.Generator | None) -> np.ndarray:
+def transform_clip(
+    frames: list[np.ndarray], cfg: DataConfig, *, train: bool, rng: np.random.Generator | None
+) -> np.ndarray:
     """Frames of one sample → [T, S, S, 3] uint8 with one crop, flip and jitter for all of them.
 
     Drawing the augmentation once per clip keeps motion intact (VideoMAE's consistent
@@ -323,7 +324,7 @@ def _epoch_salt() -> int:
 
 def _segment_rng(seed: int, salt: int, video_id: str, track_id: int, first_frame: int) -> np.random.Generator:
     # Keyed by segment identity, not batch position, so Ray's block sizes cannot change a sample.
-    digest = hashlib.sha1(f"{video_id}\x00{track_id}\x00{first_frame}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{video_id}\x00{track_id}\x00{first_frame}".encode()).digest()
     words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
     return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, salt & 0xFFFFFFFF, *words]))
 
@@ -554,7 +555,9 @@ def count_samples(source: DataConfig | ray.data.Dataset, *, train: bool = False,
     total = 0
     for i in range(rows.n):
         if not _skip_segment(rows, i, cfg):
-            total += len(window_positions(int(rows.lengths[i]), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng))
+            total += len(
+                window_positions(int(rows.lengths[i]), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)
+            )
     return total
 
 
@@ -634,7 +637,9 @@ def _resolve_device(device: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def to_model_input(batch: dict[str, Any], cfg: DataConfig, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_model_input(
+    batch: dict[str, Any], cfg: DataConfig, device: Any = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """uint8 samples → normalised float input on ``device``.
 
     Clip mode: ``video`` [B, T, H, W, 3] → [B, C, T, H, W] (VideoMAE's layout); frame mode:

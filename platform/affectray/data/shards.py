@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -88,9 +89,7 @@ def split_runs(frame_index: Sequence[int], max_length: int, max_gap: int = 1) ->
     return [r for r in runs if r[1] > r[0]]
 
 
-def segments_to_table(
-    segments: Iterable[Segment], *, dataset: str, split: str, source: str
-) -> pa.Table:
+def segments_to_table(segments: Iterable[Segment], *, dataset: str, split: str, source: str) -> pa.Table:
     """Segments of one work unit → a table in SEGMENT_SCHEMA, numbered per (video, track)."""
     columns: dict[str, list[Any]] = {name: [] for name in SEGMENT_SCHEMA.names}
     counters: dict[tuple[str, int], int] = {}
@@ -170,7 +169,7 @@ def verify_shards(root: str, sizes: dict[str, int], *, checksums: bool = False) 
         return
     prefix = storage.join(root, SHARDS_DIR)
     for uri, size in sorted(sizes.items()):
-        name = f"{SHARDS_DIR}/{uri[len(prefix):].replace(chr(92), '/').lstrip('/')}"
+        name = f"{SHARDS_DIR}/{uri[len(prefix) :].replace(chr(92), '/').lstrip('/')}"
         entry = record.get(name)
         if entry is None:
             raise ShardIntegrityError(

@@ -16,7 +16,7 @@ With ``layout="aligned-frames"`` VIDEOS is instead a root of Aff-Wild2
 each folder is one video whose every frame is one face, labelled without detection.
 
 A key is a function of the video's canonical URI alone (absolute local path, or
-``s3://bucket/key``), made by :func:`affectray.data.sources.unit_key`: the last
+``s3://bucket/key``), made by :func:`affectray.ingest.sources.unit_key`: the last
 three path components plus a hash of the whole URI. It is the same on every run
 whichever way VIDEOS names the file, and two ``clip.mp4`` in different folders
 never share outputs.
@@ -34,7 +34,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from affectray import storage
-from affectray.data.sources import VIDEO_SUFFIXES, SourceError, list_relative, list_units, unit_key
+from affectray.ingest.sources import VIDEO_SUFFIXES, SourceError, list_relative, list_units, unit_key
 
 __all__ = ["MANIFEST_SUFFIXES", "InputListing", "VideoInput", "canonical_uri", "list_inputs", "video_key"]
 
@@ -234,7 +234,11 @@ def _manifest_entries(manifest: str) -> list[tuple[int, str]]:
             return []
         column = _uri_column([c.strip() for c in rows[0]], manifest)
         index = [c.strip() for c in rows[0]].index(column)
-        return [(n, row[index].strip()) for n, row in enumerate(rows[1:], start=2) if len(row) > index and row[index].strip()]
+        return [
+            (n, row[index].strip())
+            for n, row in enumerate(rows[1:], start=2)
+            if len(row) > index and row[index].strip()
+        ]
     return [
         (n, line.strip())
         for n, line in enumerate(text.splitlines(), start=1)

@@ -40,8 +40,9 @@ from typing import Any, Literal
 
 from affectray import storage
 from affectray.config import ConfigError, location, resolve_locations
+from affectray.errors import JobError
+from affectray.ingest.sources import unit_key
 from affectray.label import outputs
-from affectray.data.sources import unit_key
 from affectray.label.inputs import InputListing, Layout, VideoInput, list_inputs
 from affectray.label.pipeline import (
     END,
@@ -53,7 +54,6 @@ from affectray.label.pipeline import (
     VideoAssembler,
     decode_videos,
 )
-from affectray.errors import JobError
 
 __all__ = ["LabelConfig", "add_arguments", "config_from_args", "main", "run_label"]
 
@@ -465,7 +465,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fps", dest="frames_fps", metavar="FPS", type=float, default=unset,
         help=f"aligned-frames: frames per second for timestamps (default {d.frames_fps:g})")  # fmt: skip
     add("--detectors", type=int, default=unset,
-        help="MTCNN actors (default: 2 per GPU; without GPUs a quarter of the CPUs, and they classify too)")  # fmt: skip
+        help="MTCNN actors (default: 2 per GPU; without GPUs a quarter of the CPUs, "
+             "and they classify too)")  # fmt: skip
     add("--classifiers", type=int, default=unset,
         help="classifier actors on clusters with GPUs (default: 2 per GPU)")  # fmt: skip
     add("--gpu-fraction", type=float, default=unset,
@@ -494,5 +495,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return run_label(config, progress=not args.no_progress)
 
     return run_config_job(LabelConfig, args, run, connect_first=False)
-
-

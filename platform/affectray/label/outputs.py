@@ -21,8 +21,9 @@ from __future__ import annotations
 import html
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -255,7 +256,7 @@ def timeline_png(video: VideoLabels, classes: Sequence[str], title: str) -> byte
         # Break the lines (NaN) where the track has no face for more than a frame or two.
         gap = np.median(np.diff(video.pts_seconds)) * 2.5 if video.num_frames > 1 else np.inf
         breaks = np.nonzero(np.diff(t) > gap)[0] + 1
-        for c, name in enumerate(classes):
+        for c, _name in enumerate(classes):
             top.plot(np.insert(t, breaks, np.nan), np.insert(video.probs[rows, c], breaks, np.nan),
                      color=colours[c], linewidth=1.2)  # fmt: skip
         step = np.diff(t, append=t[-1] + (gap / 2.5 if np.isfinite(gap) else 1 / 30))
@@ -312,11 +313,14 @@ def summary_html(
         for i, (name, n) in enumerate(labels.items())
     )
     failures = [o for o in outcomes if o["status"] != "ok"]
-    failure_rows = "".join(
-        f"<tr><td>{e(o['name'])}</td><td>{e(o['status'])}</td><td>{e(o.get('reason') or '')}</td>"
-        f"<td>{e(o.get('error') or '')}</td></tr>"
-        for o in failures
-    ) or "<tr><td colspan=4>none</td></tr>"
+    failure_rows = (
+        "".join(
+            f"<tr><td>{e(o['name'])}</td><td>{e(o['status'])}</td><td>{e(o.get('reason') or '')}</td>"
+            f"<td>{e(o.get('error') or '')}</td></tr>"
+            for o in failures
+        )
+        or "<tr><td colspan=4>none</td></tr>"
+    )
     stage_rows = "".join(
         f"<tr><td>{e(stage)}</td><td class=num>{seconds:.1f}</td>"
         f"<td class=num>{run['frames'] / seconds if seconds else 0:.1f}</td></tr>"
@@ -325,11 +329,13 @@ def summary_html(
     video_rows = "".join(
         f"<tr><td>{e(o['name'])}</td><td>{e(o['status'])}</td><td class=num>{o.get('frames') or 0}</td>"
         f"<td class=num>{o.get('faces') or 0}</td><td class=num>{o.get('tracks') or 0}</td>"
-        f"<td>{_top_label(o)}</td><td>{_link(o.get('output_rel'), 'parquet')} {_link(o.get('timeline_rel'), 'timeline')}</td></tr>"
+        f"<td>{_top_label(o)}</td><td>{_link(o.get('output_rel'), 'parquet')} "
+        f"{_link(o.get('timeline_rel'), 'timeline')}</td></tr>"
         for o in outcomes
     )
     timelines = "".join(
-        f"<figure><img src='{e(o['timeline_rel'])}' loading=lazy alt='{e(o['name'])}'><figcaption>{e(o['name'])}</figcaption></figure>"
+        f"<figure><img src='{e(o['timeline_rel'])}' loading=lazy alt='{e(o['name'])}'>"
+        f"<figcaption>{e(o['name'])}</figcaption></figure>"
         for o in outcomes
         if o.get("timeline_rel")
     )
@@ -341,21 +347,24 @@ td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-ali
 .bar{{height:12px}} figure{{display:inline-block;margin:4px}} img{{width:520px}} figcaption{{font-size:80%}}
 </style></head><body>
 <h1>Labels</h1>
-<p>Checkpoint <code>{e(checkpoint)}</code>, model id <code>{e(model_id)}</code>; written {e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}.</p>
+<p>Checkpoint <code>{e(checkpoint)}</code>, model id <code>{e(model_id)}</code>; \
+written {e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))}.</p>
 <h2>Counts</h2>
 <table><tr><th>videos</th><th>ok</th><th>partial</th><th>failed</th><th>frames</th><th>face rows</th></tr>
-<tr><td class=num>{len(outcomes)}</td><td class=num>{status['ok']}</td><td class=num>{status['partial']}</td>
-<td class=num>{status['failed']}</td><td class=num>{frames}</td><td class=num>{faces}</td></tr></table>
+<tr><td class=num>{len(outcomes)}</td><td class=num>{status["ok"]}</td><td class=num>{status["partial"]}</td>
+<td class=num>{status["failed"]}</td><td class=num>{frames}</td><td class=num>{faces}</td></tr></table>
 <h2>Smoothed label distribution (face rows)</h2><table>{bars}</table>
 <h2>Failures</h2>
 <table><tr><th>video</th><th>status</th><th>reason</th><th>error</th></tr>{failure_rows}</table>
 <h2>Throughput (this run)</h2>
-<p>{run['videos']} videos, {run['frames']} frames in {run['seconds']:.1f} s: <b>{run['frames_per_second']:.1f} frames/s</b>
-({run['skipped']} videos skipped as already labelled); the first labelled frames came back after
-{run.get('startup_seconds', 0):.1f} s (start-up: workers start, actors import torch and load the models).</p>
+<p>{run["videos"]} videos, {run["frames"]} frames in {run["seconds"]:.1f} s: \
+<b>{run["frames_per_second"]:.1f} frames/s</b>
+({run["skipped"]} videos skipped as already labelled); the first labelled frames came back after
+{run.get("startup_seconds", 0):.1f} s (start-up: workers start, actors import torch and load the models).</p>
 <table><tr><th>stage</th><th>worker seconds</th><th>frames/s per worker</th></tr>{stage_rows}</table>
 <h2>Videos</h2>
-<table><tr><th>video</th><th>status</th><th>frames</th><th>faces</th><th>tracks</th><th>top label</th><th>files</th></tr>{video_rows}</table>
+<table><tr><th>video</th><th>status</th><th>frames</th><th>faces</th><th>tracks</th>\
+<th>top label</th><th>files</th></tr>{video_rows}</table>
 <h2>Timelines</h2>{timelines}
 </body></html>
 """

@@ -28,14 +28,15 @@ from __future__ import annotations
 import pickle
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from affectray import storage
-from affectray.data.faces import LazyDetector
+from affectray.faces.detect import LazyDetector
 from affectray.label import outputs
 from affectray.label.inputs import VideoInput
 
@@ -127,7 +128,7 @@ def decode_videos(batch: dict[str, np.ndarray], settings: StageSettings) -> Iter
 
 
 def _video_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[int, dict[str, Any]]]:
-    from affectray.data.video import VideoDecodeError, iter_frames, probe
+    from affectray.faces.video import VideoDecodeError, iter_frames, probe
 
     clock = _Clock()
     end: dict[str, Any] = {"status": "ok", "reason": None, "error": None, "info": {}, "chunks": 0, "frames": 0}
@@ -214,7 +215,9 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
             lo, hi = max(0, start - s.halo), min(n, start + size + s.halo)
             loaded = list(pool.map(lambda i: _load_face(video.frames[i], s.image_size), range(lo, hi)))
             good = [i for i, (face, _) in zip(range(lo, hi), loaded) if face is not None]
-            bad += [(video.frames[i], err) for i, (_, err) in enumerate(loaded, lo) if err and start <= i < start + size]
+            bad += [
+                (video.frames[i], err) for i, (_, err) in enumerate(loaded, lo) if err and start <= i < start + size
+            ]
             if not good:
                 continue
             index = np.array([video.frame_indices[i] for i in good], dtype=np.int64)
@@ -249,7 +252,7 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
 def _load_face(uri: str, size: int) -> tuple[np.ndarray | None, str]:
     import cv2
 
-    from affectray.data.faces import decode_jpeg
+    from affectray.faces.jpeg import decode_jpeg
 
     try:
         image = decode_jpeg(storage.read_bytes(uri))
@@ -294,7 +297,7 @@ class DetectFaces:
         return chunks
 
     def detect(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        from affectray.data.faces import detect_and_align
+        from affectray.faces.detect import detect_and_align
 
         clock = _Clock()
         s = self.settings
@@ -394,7 +397,7 @@ class ClassifyFaces:
         return {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(order)}
 
     def _classify_tracks(self, chunk: dict[str, Any]) -> np.ndarray:
-        from affectray.data.tracking import IoUTracker
+        from affectray.faces.tracking import IoUTracker
 
         n = len(chunk["crops"])
         probs = np.zeros((n, self.classifier.num_classes), np.float32)
@@ -588,7 +591,7 @@ class Finisher:
 
     def assemble(self, parts: list[dict[str, Any]]) -> outputs.VideoLabels:
         """Concatenate chunks in order, link faces into tracks over the whole video, smooth per track."""
-        from affectray.data.tracking import IoUTracker
+        from affectray.faces.tracking import IoUTracker
         from affectray.models.cascade import smooth_predictions
 
         def cat(name: str, empty_shape: tuple[int, ...], dtype) -> np.ndarray:

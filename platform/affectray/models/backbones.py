@@ -21,6 +21,8 @@ import timm
 import torch
 import torch.nn as nn
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "BackboneError",
     "centred_input",
@@ -38,7 +40,7 @@ _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "_orig_mod.")
 _NESTED_KEYS = ("state_dict", "model", "model_state", "module", "weights")
 
 
-class BackboneError(ValueError):
+class BackboneError(AffectrayError, ValueError):
     """A backbone that cannot be built, split, or loaded from the given weights file."""
 
 
@@ -115,7 +117,7 @@ def centred_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -139,7 +141,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor], own_keys: set[str]) -> dict[
         matched = len(own_keys & state.keys())
         best = state
         for prefix in _WRAPPER_PREFIXES:
-            stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+            stripped = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
             if len(own_keys & stripped.keys()) > len(own_keys & best.keys()):
                 best = stripped
         if best is state or len(own_keys & best.keys()) <= matched:
@@ -157,7 +159,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], 
     if not os.path.isfile(path):
         raise BackboneError(f"weights file not found: {path}")
     own = model.state_dict()
-    state = _strip_prefixes(_read_state_dict(path), set(own))
+    state = _strip_prefixes(read_state_dict(path), set(own))
     matched = own.keys() & state.keys()
     if not matched:
         raise BackboneError(
@@ -175,8 +177,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], 
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     log.info(
         "loaded %d tensors from %s into %s; missing %d %s; unexpected %d %s",
-        len(matched), path, type(model).__name__,
-        len(missing), missing[:5], len(unexpected), unexpected[:5],
+        len(matched),
+        path,
+        type(model).__name__,
+        len(missing),
+        missing[:5],
+        len(unexpected),
+        unexpected[:5],
     )
     if missing:
         log.warning("%s: %d model tensors not in the file (kept at init), e.g. %s", path, len(missing), missing[:5])

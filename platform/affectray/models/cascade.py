@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, fuse_cascade, to_coarse, to_negative
 from affectray.models.backbones import centred_input, create_backbone, frame_features
+from affectray.models.heads import ClassifierMixin, centre_frame, cross_entropy
 from affectray.models.registry import (
     ModelError,
     config_from_kwargs,
@@ -69,7 +70,7 @@ class FrameClassifierConfig:
     weights_path: str | None = None  # local backbone weights, used at construction only
 
 
-class FrameClassifier(nn.Module):
+class FrameClassifier(ClassifierMixin, nn.Module):
     """One face image -> expression logits. Input [B, 3, H, W]."""
 
     registry_name = "frame"
@@ -120,7 +121,7 @@ class SmoothPredictingConfig(FrameClassifierConfig):
             raise ModelError(f"cfc_sp fusion must be 'concat' or 'gate', got {self.fusion!r}")
 
 
-class SmoothPredictingClassifier(nn.Module):
+class SmoothPredictingClassifier(ClassifierMixin, nn.Module):
     """A window of one track's frames -> logits of its centre frame. Input [B, T, 3, H, W] (or [B, 3, H, W] as T=1)."""
 
     registry_name = "cfc_sp"
@@ -183,15 +184,16 @@ def smooth_predicting_classifier(**kwargs: Any) -> SmoothPredictingClassifier:
 # ---------------------------------------------------------------------------
 
 
-class CascadeClassifier(nn.Module):
+class CascadeClassifier(ClassifierMixin, nn.Module):
     """Coarse (5) and negative (4) models fused into ABAW8 probabilities.
 
     ``forward`` returns ``probs`` [B, 8] (ABAW8 order) and ``logits`` = log(probs),
     so softmax(logits) == probs and cross-entropy on ``logits`` is the NLL of the
-    fused distribution: the pair trains end to end or stage by stage (:func:`cascade_loss`).
+    fused distribution. Training uses the stage-wise loss instead (:func:`cascade_loss`).
     """
 
     registry_name = "cfc_cascade"
+    class_weighted = False  # the coarse/negative split is the cascade's own answer to class imbalance
 
     def __init__(self, coarse: nn.Module, negative: nn.Module) -> None:
         super().__init__()
@@ -216,12 +218,30 @@ class CascadeClassifier(nn.Module):
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # [B, 8]
         return {"logits": logits, "probs": probs, "coarse_logits": coarse_logits, "negative_logits": negative_logits}
 
+    def loss(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        *,
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:func:`cascade_loss` on ABAW8 targets [B] (per-frame targets [B, T]: the centre frame's, as it predicts)."""
+        if class_weights is not None:
+            raise ValueError("the CFC cascade takes no class weights: its coarse/negative split balances the classes")
+        if targets.dim() == 2:
+            targets = centre_frame(targets)
+        return cascade_loss(outputs, targets, label_smoothing=label_smoothing), {}
+
+    def probabilities(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["probs"].float()
+
     def describe(self) -> dict[str, Any]:
         stages = {"coarse": self.coarse.describe(), "negative": self.negative.describe()}
         return {"name": self.registry_name, "kwargs": stages}
 
 
-@register_model("cfc_cascade")
+@register_model("cfc_cascade", num_classes=len(ABAW8))
 def cascade_classifier(coarse: dict[str, Any], negative: dict[str, Any]) -> CascadeClassifier:
     """``coarse`` / ``negative``: model descriptions, e.g. ``{"name": "frame", "kwargs": {"num_classes": 5}}``."""
     return CascadeClassifier(create_model_from_description(coarse), create_model_from_description(negative))
@@ -237,18 +257,19 @@ def _relabel(targets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(targets >= 0, mapped, torch.full_like(mapped, -1))
 
 
-def cascade_loss(outputs: dict[str, torch.Tensor], abaw8_targets: torch.Tensor) -> torch.Tensor:
+def cascade_loss(
+    outputs: dict[str, torch.Tensor], abaw8_targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Stage-wise CFC loss: CE(coarse, coarse targets) + CE(negative, negative targets on negative frames).
 
     ``abaw8_targets`` [B] holds ABAW8 indices, -1 for unlabelled frames. Frames that
     are not negative do not train the negative stage; a batch without any gives it 0.
+    ``label_smoothing`` applies to both stages.
     """
     coarse_t = _relabel(abaw8_targets, _TO_COARSE)  # [B]
     negative_t = _relabel(abaw8_targets, _TO_NEGATIVE)  # [B], -1 off-negative
-    loss = F.cross_entropy(outputs["coarse_logits"].float(), coarse_t, ignore_index=-1)
-    if (negative_t >= 0).any():
-        loss = loss + F.cross_entropy(outputs["negative_logits"].float(), negative_t, ignore_index=-1)
-    return loss
+    coarse = cross_entropy(outputs["coarse_logits"], coarse_t, label_smoothing=label_smoothing)
+    return coarse + cross_entropy(outputs["negative_logits"], negative_t, label_smoothing=label_smoothing)
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from affectray.models.backbones import create_backbone, load_weights, split_backbone
+from affectray.models.heads import ClassifierMixin, cross_entropy, match_targets
 from affectray.models.registry import ModelError, config_from_kwargs, describe_config, register_model
 
 __all__ = ["ESR", "ESRConfig", "diversity_loss", "esr_loss"]
@@ -36,7 +37,7 @@ class ESRConfig:
     shared_stages: int = 3  # feature stages in the shared base (ResNet: stem, layer1, layer2)
     num_branches: int = 4
     drop_rate: float = 0.0
-    diversity_weight: float = 0.1  # default weight of diversity_loss in ESR.loss
+    diversity_weight: float = 0.1  # weight of diversity_loss in ESR.loss (finetune's loss.diversity_weight sets it)
     weights_path: str | None = None  # local CNN weights: base and every branch start from them
 
     def __post_init__(self) -> None:
@@ -58,7 +59,7 @@ class ESRBranch(nn.Module):
         return self.head(self.head_drop(feats)), feats
 
 
-class ESR(nn.Module):
+class ESR(ClassifierMixin, nn.Module):
     """Shared base + N branches. Input [B, 3, H, W]; ``logits`` [B, C] is the branch mean.
 
     Extras: ``branch_logits`` [N, B, C] and ``branch_features`` [N, B, D].
@@ -95,11 +96,19 @@ class ESR(nn.Module):
         return {"logits": branch_logits.mean(0), "branch_logits": branch_logits, "branch_features": branch_features}
 
     def loss(
-        self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, diversity_weight: float | None = None
-    ) -> torch.Tensor:
-        """:func:`esr_loss` with the config's diversity weight unless one is given."""
-        weight = self.cfg.diversity_weight if diversity_weight is None else diversity_weight
-        return esr_loss(outputs, targets, weight)
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        *,
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:func:`esr_loss` with the config's diversity weight (per-frame targets [B, T]: the centre frame's)."""
+        _, targets = match_targets(outputs["logits"], targets)
+        loss = esr_loss(
+            outputs, targets, self.cfg.diversity_weight, class_weights=class_weights, label_smoothing=label_smoothing
+        )
+        return loss, {}
 
     def describe(self) -> dict[str, Any]:
         return describe_config(self.registry_name, self.cfg, weights_path=None)
@@ -120,15 +129,22 @@ def diversity_loss(branch_outputs: torch.Tensor) -> torch.Tensor:
     return sim[i, j].mean()
 
 
-def esr_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor, diversity_weight: float = 0.0) -> torch.Tensor:
+def esr_loss(
+    outputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    diversity_weight: float = 0.0,
+    *,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Sum over branches of cross-entropy (each branch trained on its own) + weight * diversity of branch features.
 
     ``targets`` [B]: class indices, -1 for unlabelled frames.
     """
     branch_logits = outputs["branch_logits"]  # [N, B, C]
-    n, b, c = branch_logits.shape
+    n = branch_logits.shape[0]
     # One CE over the flattened [N*B] rows is the mean over branches; times N gives the per-branch sum.
-    ce = F.cross_entropy(branch_logits.float().reshape(n * b, c), targets.repeat(n), ignore_index=-1) * n
+    ce = cross_entropy(branch_logits, targets.repeat(n), class_weights, label_smoothing) * n
     if not diversity_weight:
         return ce
     return ce + diversity_weight * diversity_loss(outputs["branch_features"])

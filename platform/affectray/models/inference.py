@@ -10,8 +10,9 @@ classifier carries::
     preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std"}
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
-safetensors weights and knows what input it wants. A cascade checkpoint is a
-``cfc_cascade`` model: it predicts the eight ABAW classes as one model.
+safetensors weights and knows what input it wants. The model turns its own
+outputs into probabilities (``model.probabilities``, ``affectray.models.heads``),
+so a cascade or an ensemble checkpoint predicts as one model like any other.
 
 Window models (smooth predicting, CNN-GRU, CNN-Transformer, video encoders)
 predict a frame from the window of ``num_frames`` frames ``frame_stride`` apart
@@ -30,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from affectray.train import checkpoint as ckpt
+from affectray import checkpoints as ckpt
 
-__all__ = ["Classifier", "Preprocessing", "load_classifier", "probabilities", "track_windows"]
+__all__ = ["Classifier", "Preprocessing", "load_classifier", "track_windows"]
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,6 @@ class Preprocessing:
             mean=tuple(p.get("mean", cls.mean)),
             std=tuple(p.get("std", cls.std)),
         )
-
-
-def probabilities(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A model's output dict → class probabilities [B, C] in float32.
-
-    The cascade gives ``probs`` directly; many-to-many window models give logits
-    [B, T, C], of which the centre frame is the prediction.
-    """
-    if "probs" in outputs:
-        return outputs["probs"].float()
-    logits = outputs["logits"]
-    if logits.dim() == 3:
-        logits = logits[:, logits.shape[1] // 2]
-    return logits.float().softmax(dim=-1)
 
 
 def track_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:
@@ -117,7 +104,7 @@ class Classifier:
         """Model-ready float inputs ([B, 3, H, W] or [B, T, 3, H, W]) → probabilities [B, C] on the CPU."""
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
             outputs = self.model(inputs.to(self.device))
-        return probabilities(outputs).cpu()
+        return self.model.probabilities(outputs).cpu()
 
     def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Aligned faces of one track in time order, uint8 [N, S, S, 3] → probabilities [N, C] float32.

@@ -57,9 +57,9 @@ from affectray.models.mae import (
     VideoMAE,
     VideoMAEConfig,
     VideoViTEncoder,
-    _gather_tokens,
-    _norm_layer,
+    gather_tokens,
     masking_from_keep,
+    norm_layer,
 )
 from affectray.models.registry import ModelError
 
@@ -106,8 +106,17 @@ class MAEDFERConfig(VideoMAEConfig):
 MAE_DFER_SIZES: dict[str, MAEDFERConfig] = {
     # 32 px, 4 frames: grid 2 x 4 x 4, four regions of 1 x 2 x 4 tokens (full-width windows, as MAE-DFER's).
     "tiny": MAEDFERConfig(
-        img_size=32, num_frames=4, tubelet_size=2, patch_size=8, embed_dim=64, depth=2, num_heads=2,
-        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, region_size=(1, 2, 4),
+        img_size=32,
+        num_frames=4,
+        tubelet_size=2,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        region_size=(1, 2, 4),
     ),
     "small": MAEDFERConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_num_heads=3),
     # The paper's model: grid 8 x 10 x 10, eight regions of 2 x 5 x 10 tokens.
@@ -172,14 +181,14 @@ class LGIBlock(nn.Module):
         self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
     ) -> None:
         super().__init__()
-        self.local_norm = _norm_layer(dim)
+        self.local_norm = norm_layer(dim)
         self.local_attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.global_norm = _norm_layer(dim)
+        self.global_norm = norm_layer(dim)
         self.global_attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.propagate_norm = _norm_layer(dim)
-        self.propagate_norm_ctx = _norm_layer(dim)
+        self.propagate_norm = norm_layer(dim)
+        self.propagate_norm_ctx = norm_layer(dim)
         self.propagate_attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
-        self.norm2 = _norm_layer(dim)
+        self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -228,7 +237,7 @@ class LGIFormerEncoder(VideoViTEncoder):
         ids = self.region_order.expand(b, -1) if ids_keep is None else ids_keep
         if ids_keep is not None:
             self._check_region_major(ids_keep)
-        x = _gather_tokens(x, ids).view(b, self.num_regions, -1, d)  # [B, R, S, D]
+        x = gather_tokens(x, ids).view(b, self.num_regions, -1, d)  # [B, R, S, D]
         region = self.region_embed.to(x.dtype).expand(b, -1, -1)  # [B, R, D]
         if self.cfg.region_token_init == "mean":
             region = region + x.mean(dim=2)

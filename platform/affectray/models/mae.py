@@ -13,12 +13,11 @@ Steps, named as in facebookresearch/mae ``models_mae.py``::
     tube_masking -> forward_encoder -> forward_decoder -> forward_loss
 
 The encoder (:class:`VideoViTEncoder`) runs unmasked for fine-tuning:
-``forward_features(videos) -> [B, L, D]``, and :class:`VideoEncoderClassifier`
-(registry name ``video_encoder_classifier``) mean-pools it into expression logits.
-MAE-DFER's LGI-Former encoder and its appearance + motion objective live in
-``affectray.models.lgi_former`` and reuse everything here: the config fields,
-tube embedding, decoder, :func:`load_encoder_from_pretrain` and
-:func:`param_groups_lrd` (layer-wise lr decay, as MAE's ``lr_decay.py``).
+``forward_features(videos) -> [B, L, D]``; ``affectray.models.video_classifier`` builds the
+families by name and mean-pools an encoder into expression logits. MAE-DFER's LGI-Former
+encoder and its appearance + motion objective live in ``affectray.models.lgi_former`` and
+reuse everything here: the config fields, tube embedding, decoder and the helpers made
+public for it. This module imports no other family.
 
 Choices: positions are VideoMAE's fixed 1D sine-cosine table over all L tokens
 (not learnable, so they are no checkpoint state); qkv biases are timm's (q, k, v)
@@ -32,33 +31,26 @@ normalisation; a per-channel affine map cancels in this normalisation up to its 
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from affectray.models.registry import ModelError, config_from_kwargs, describe_config, register_model
+from affectray.models.registry import ModelError
 
 __all__ = [
     "VIDEO_MAE_SIZES",
     "TubeEmbed",
-    "VideoEncoderClassifier",
-    "VideoEncoderClassifierConfig",
     "VideoMAE",
     "VideoMAEConfig",
     "VideoViTEncoder",
-    "build_pretrain_model",
-    "build_video_encoder",
-    "load_encoder_from_pretrain",
-    "param_groups_lrd",
+    "gather_tokens",
+    "init_weights",
+    "masking_from_keep",
+    "norm_layer",
     "patchify",
     "sinusoid_position_table",
     "unpatchify",
@@ -114,8 +106,16 @@ class VideoMAEConfig:
 VIDEO_MAE_SIZES: dict[str, VideoMAEConfig] = {
     # Runs a training step on a CPU in milliseconds: 32 px, 4 frames -> 2 x 4 x 4 = 32 tokens.
     "tiny": VideoMAEConfig(
-        img_size=32, num_frames=4, tubelet_size=2, patch_size=8, embed_dim=64, depth=2, num_heads=2,
-        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+        img_size=32,
+        num_frames=4,
+        tubelet_size=2,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
     ),
     # ViT-S/16 on 16 x 224 x 224 (VideoMAE's small).
     "small": VideoMAEConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_num_heads=3),
@@ -199,12 +199,12 @@ def masking_from_keep(
     return ids_shuffle[:, :len_keep], (~keep).float(), ids_restore
 
 
-def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x [B, L, D], ids [B, K] -> [B, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     # VideoMAE / MAE: xavier-uniform linears (Conv3d as a linear on flattened tubes), zero biases.
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
@@ -218,7 +218,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-_norm_layer = partial(nn.LayerNorm, eps=1e-6)
+norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -240,13 +240,13 @@ class VideoViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sinusoid_position_table(cfg.num_patches, cfg.embed_dim), persistent=False)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # stochastic depth rule
         self.blocks = nn.ModuleList([self.make_block(d) for d in dpr])
-        self.norm = _norm_layer(cfg.embed_dim)
-        self.apply(_init_weights)
+        self.norm = norm_layer(cfg.embed_dim)
+        self.apply(init_weights)
 
     def make_block(self, drop_path: float) -> nn.Module:
         c = self.cfg
         return Block(
-            c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=c.qkv_bias, drop_path=drop_path, norm_layer=_norm_layer
+            c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=c.qkv_bias, drop_path=drop_path, norm_layer=norm_layer
         )
 
     def embed(self, videos: torch.Tensor) -> torch.Tensor:
@@ -257,7 +257,7 @@ class VideoViTEncoder(nn.Module):
         """[B, C, T, H, W] -> [B, L, D] (all tokens, (t, h, w) order), or [B, L_vis, D] for the ``ids_keep`` tokens."""
         x = self.embed(videos)  # [B, L, D]
         if ids_keep is not None:
-            x = _gather_tokens(x, ids_keep)  # [B, L_vis, D]
+            x = gather_tokens(x, ids_keep)  # [B, L_vis, D]
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -294,16 +294,19 @@ class VideoMAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             [
                 Block(
-                    cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                    norm_layer=_norm_layer,
+                    cfg.decoder_embed_dim,
+                    cfg.decoder_num_heads,
+                    cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    norm_layer=norm_layer,
                 )
                 for _ in range(cfg.decoder_depth)
             ]
         )
-        self.decoder_norm = _norm_layer(cfg.decoder_embed_dim)
+        self.decoder_norm = norm_layer(cfg.decoder_embed_dim)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            module.apply(_init_weights)
+            module.apply(init_weights)
         trunc_normal_(self.mask_token, std=0.02)
 
     # -- tokens ------------------------------------------------------------
@@ -356,7 +359,7 @@ class VideoMAE(nn.Module):
         b, n_vis, dd = x.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(b, ids_restore.shape[1] - n_vis, dd)
         x = torch.cat([x, mask_tokens], dim=1)  # [B, L, Dd], shuffled order: visible first
-        x = _gather_tokens(x, ids_restore)  # [B, L, Dd], (t, h, w) order
+        x = gather_tokens(x, ids_restore)  # [B, L, Dd], (t, h, w) order
         x = x + self.decoder_pos_embed.to(x.dtype)
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -392,199 +395,3 @@ class VideoMAE(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-
-# ---------------------------------------------------------------------------
-# Fine-tuning helpers: encoder from a pretraining checkpoint, layer-wise lr decay
-# ---------------------------------------------------------------------------
-
-
-def _find_encoder(model: nn.Module) -> nn.Module:
-    if isinstance(model, VideoViTEncoder):
-        return model
-    for module in model.modules():
-        if isinstance(module, VideoViTEncoder):
-            return module
-    raise ModelError(f"{type(model).__name__} holds no VideoViTEncoder / LGIFormerEncoder to load into")
-
-
-def load_encoder_from_pretrain(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy a pretraining checkpoint's encoder weights into ``model``'s encoder; returns that encoder.
-
-    ``model`` is an encoder or any module holding one (a classifier). ``state_dict``
-    is a whole pretraining model's (keys ``encoder.*``, optionally under DDP's
-    ``module.``) or :meth:`VideoMAE.encoder_state_dict`. Every encoder key must be
-    present with the same shape (a size or family mismatch is an error, not a
-    silent partial load).
-    """
-    encoder = _find_encoder(model)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    if any(k.startswith("encoder.") for k in state):
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ModelError(
-            f"pretrained encoder does not fit {type(encoder).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
-        )
-    encoder.load_state_dict(state, strict=True)
-    return encoder
-
-
-_EMBEDDING_NAMES = {"patch_embed", "pos_embed", "cls_token", "mask_token", "region_embed"}
-_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def _layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings, i + 1 for ``blocks.i``, num_layers + 1 for the rest (final norm, head)."""
-    if _EMBEDDING_NAMES & set(name.split(".")):
-        return 0
-    match = _BLOCK_RE.search(name)
-    return int(match.group(1)) + 1 if match else num_layers + 1
-
-
-def param_groups_lrd(
-    model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75, num_layers: int | None = None
-) -> list[dict[str, Any]]:
-    """Optimizer param groups with layer-wise lr decay (MAE ``lr_decay.py``): block i gets lr * decay^(L - i).
-
-    Each group has ``params``, ``weight_decay``, ``lr_scale`` (multiply the scheduled lr by it)
-    and ``name``. Biases, norms (any 1-D tensor) and names from ``no_weight_decay()`` get no
-    weight decay. ``num_layers`` defaults to the encoder's depth.
-    """
-    if num_layers is None:
-        num_layers = _find_encoder(model).num_layers
-    scales = [layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
-    skip: set[str] = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, "no_weight_decay"):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
-    groups: dict[str, dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim > 1 and name not in skip
-        layer = _layer_id(name, num_layers)
-        key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
-        group = groups.setdefault(
-            key, {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scales[layer]}
-        )
-        group["params"].append(param)
-    return list(groups.values())
-
-
-# ---------------------------------------------------------------------------
-# Entry points by name
-# ---------------------------------------------------------------------------
-
-PRETRAIN_MODELS = ("videomae", "mae_dfer")
-
-
-def _config(name: str, size: str, overrides: Mapping[str, Any]) -> VideoMAEConfig:
-    if name == "videomae":
-        sizes: Mapping[str, VideoMAEConfig] = VIDEO_MAE_SIZES
-    elif name == "mae_dfer":
-        from affectray.models.lgi_former import MAE_DFER_SIZES as sizes
-    else:
-        raise ModelError(f"unknown video MAE {name!r}; known: {', '.join(PRETRAIN_MODELS)}")
-    if size not in sizes:
-        raise ModelError(f"unknown {name} size {size!r}; known: {', '.join(sizes)}")
-    base = sizes[size]
-    known = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ModelError(f"{name} takes no setting(s) {unknown}; it takes {sorted(known)}")
-    return dataclasses.replace(base, **overrides)
-
-
-def build_pretrain_model(name: str, size: str = "base", **overrides: Any) -> VideoMAE:
-    """``build_pretrain_model("mae_dfer", "tiny", mask_ratio=0.75)``: a VideoMAE or MAE-DFER pretraining model."""
-    cfg = _config(name, size, overrides)
-    if name == "mae_dfer":
-        from affectray.models.lgi_former import MAEDFER
-
-        return MAEDFER(cfg)
-    return VideoMAE(cfg)
-
-
-def build_video_encoder(name: str, size: str = "base", **overrides: Any) -> VideoViTEncoder:
-    """The encoder alone (no masking, no decoder) of a pretraining model, for fine-tuning."""
-    cfg = _config(name, size, overrides)
-    if name == "mae_dfer":
-        from affectray.models.lgi_former import LGIFormerEncoder
-
-        return LGIFormerEncoder(cfg)
-    return VideoViTEncoder(cfg)
-
-
-# ---------------------------------------------------------------------------
-# Clip classifier: pretrained encoder -> mean pool -> linear head
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class VideoEncoderClassifierConfig:
-    backbone: str = "mae_dfer"  # the encoder family: "videomae" | "mae_dfer"
-    size: str = "tiny"
-    num_classes: int = 8
-    img_size: int | None = None  # defaults to the size's
-    window: int | None = None  # frames per clip; defaults to the size's num_frames
-    drop_rate: float = 0.0  # dropout on the pooled features, before the head
-    drop_path_rate: float = 0.1
-    weights_path: str | None = None  # local pretraining checkpoint, encoder part loaded at construction
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # further encoder config overrides
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):  # training scripts nest the weights
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
-class VideoEncoderClassifier(nn.Module):
-    """A clip of one track's frames -> expression logits (MAE-DFER / VideoMAE fine-tuning). Input [B, T, 3, H, W]."""
-
-    registry_name = "video_encoder_classifier"
-    input_kind = "window"
-
-    def __init__(self, cfg: VideoEncoderClassifierConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        overrides = dict(cfg.encoder_kwargs, drop_path_rate=cfg.drop_path_rate)
-        if cfg.img_size is not None:
-            overrides["img_size"] = cfg.img_size
-        if cfg.window is not None:
-            overrides["num_frames"] = cfg.window
-        self.encoder = build_video_encoder(cfg.backbone, cfg.size, **overrides)
-        self.window = self.encoder.cfg.num_frames
-        self.num_classes = cfg.num_classes
-        self.num_features = self.encoder.num_features
-        self.num_layers = self.encoder.num_layers
-        self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(self.num_features, cfg.num_classes)
-        trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning: start from near-uniform predictions
-        nn.init.zeros_(self.head.bias)
-        if cfg.weights_path is not None:
-            load_encoder_from_pretrain(self, _read_state_dict(cfg.weights_path))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        videos = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]
-        feats = self.encoder.forward_features(videos).mean(dim=1)  # [B, D]
-        return {"logits": self.head(self.head_drop(feats)), "features": feats}  # [B, classes], [B, D]
-
-    def describe(self) -> dict[str, Any]:
-        return describe_config(self.registry_name, self.cfg, weights_path=None)
-
-
-@register_model("video_encoder_classifier")
-def video_encoder_classifier(**kwargs: Any) -> VideoEncoderClassifier:
-    return VideoEncoderClassifier(config_from_kwargs(VideoEncoderClassifierConfig, "video_encoder_classifier", kwargs))

@@ -6,6 +6,11 @@ string. Every registered model has ``describe() -> {"name", "kwargs"}`` and
 ``create_model(**model.describe())`` rebuilds it (weights come from the
 checkpoint's state dict), which is what makes checkpoints self-describing.
 
+A family may register what a job must know before building one (:class:`ModelInfo`,
+like timm's per-model ``pretrained_cfg``): a fixed class count, or that fine-tuning
+does not train it. Everything else a job needs, the built model answers itself
+(``affectray.models.heads``: its loss and its probabilities).
+
 Built-in families live in their own modules and are imported only when one of
 their names is asked for, so ``import affectray.models.registry`` stays light.
 """
@@ -20,9 +25,12 @@ from typing import Any, TypeVar
 
 import torch.nn as nn
 
+from affectray.errors import AffectrayError
+
 __all__ = [
     "ModelConfig",
     "ModelError",
+    "ModelInfo",
     "build_model",
     "config_from_kwargs",
     "create_model",
@@ -30,6 +38,7 @@ __all__ = [
     "describe_config",
     "is_model",
     "list_models",
+    "model_info",
     "register_model",
 ]
 
@@ -37,15 +46,24 @@ C = TypeVar("C")
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-class ModelError(ValueError):
+class ModelError(AffectrayError, ValueError):
     """An unknown model name, or arguments a model does not take."""
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a job must know about a family before it builds one."""
+
+    num_classes: int | None = None  # a fixed class count: the family takes no num_classes argument
+    finetune: str | None = None  # why `affectray finetune` does not train this family (None: it does)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_INFO: dict[str, ModelInfo] = {}
 
 # Name -> module that registers it on import. "video_encoder_classifier" (the
-# MAE-DFER clip classifier over the pretrained video encoder) lives with the
-# video MAE in affectray.models.mae.
+# MAE-DFER clip classifier over the pretrained video encoder) lives with the video
+# families' dispatch in affectray.models.video_classifier.
 _PROVIDERS: dict[str, str] = {
     "frame": "affectray.models.cascade",
     "cfc_sp": "affectray.models.cascade",
@@ -54,15 +72,20 @@ _PROVIDERS: dict[str, str] = {
     "cnn_transformer": "affectray.models.temporal",
     "weighted_ensemble": "affectray.models.temporal",
     "esr": "affectray.models.ensembles",
-    "video_encoder_classifier": "affectray.models.mae",
+    "video_encoder_classifier": "affectray.models.video_classifier",
 }
 
 
-def register_model(name: str) -> Callable[[F], F]:
-    """Decorator: register ``fn(**kwargs) -> nn.Module`` under ``name`` (a second registration replaces the first)."""
+def register_model(name: str, **info: Any) -> Callable[[F], F]:
+    """Decorator: register ``fn(**kwargs) -> nn.Module`` under ``name`` (a second registration replaces the first).
+
+    ``info``: fields of :class:`ModelInfo`.
+    """
+    details = ModelInfo(**info)  # a wrong field fails at import, where the family is registered
 
     def decorator(fn: F) -> F:
         _REGISTRY[name] = fn
+        _INFO[name] = details
         return fn
 
     return decorator
@@ -89,6 +112,12 @@ def _lookup(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def model_info(name: str) -> ModelInfo:
+    """What ``name``'s family registered about itself (ModelError for an unknown name)."""
+    _lookup(name)
+    return _INFO[name]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -142,7 +171,10 @@ class ModelConfig:
 
     def to_kwargs(self) -> dict[str, Any]:
         common = {
-            "backbone": self.backbone, "num_classes": self.num_classes, "img_size": self.img_size, "window": self.window
+            "backbone": self.backbone,
+            "num_classes": self.num_classes,
+            "img_size": self.img_size,
+            "window": self.window,
         }
         kwargs = {k: v for k, v in common.items() if v is not None}
         clash = sorted(kwargs.keys() & self.extra.keys())

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from affectray.models.backbones import centred_input, create_backbone, frame_features
+from affectray.models.heads import ClassifierMixin, centre_frame
 from affectray.models.registry import (
     ModelError,
     config_from_kwargs,
@@ -37,15 +38,18 @@ __all__ = [
 ]
 
 
-class _WindowModel(nn.Module):
-    """Shared by the many-to-many models: logits [B, T, C] for a window [B, T, 3, H, W]."""
+class _WindowModel(ClassifierMixin, nn.Module):
+    """Shared by the many-to-many models: logits [B, T, C] for a window [B, T, 3, H, W].
+
+    Training scores every labelled frame of the window (per-frame targets [B, T]) or
+    its centre (one target [B]); prediction is the centre frame (ClassifierMixin).
+    """
 
     input_kind = "window"
 
     def predict_center(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of each window's centre frame: [B, T, 3, H, W] -> [B, C]."""
-        logits = self(x)["logits"]  # [B, T, C]
-        return logits[:, logits.shape[1] // 2]
+        return centre_frame(self(x)["logits"])  # [B, T, C] -> [B, C]
 
     def describe(self) -> dict[str, Any]:
         return describe_config(self.registry_name, self.cfg, weights_path=None)
@@ -182,7 +186,7 @@ def cnn_transformer(**kwargs: Any) -> CNNTransformer:
 # ---------------------------------------------------------------------------
 
 
-class WeightedEnsemble(nn.Module):
+class WeightedEnsemble(ClassifierMixin, nn.Module):
     """Weighted sum of members' class probabilities; weights are normalised to sum to 1.
 
     Members may be frame models ([B, 3, H, W] -> [B, C]), window models with
@@ -190,7 +194,7 @@ class WeightedEnsemble(nn.Module):
     and any model returning ``probs`` (e.g. the CFC cascade). Given a window
     [B, T, 3, H, W], each member sees what it takes: the centre frame, or the
     centred sub-window of its own length. Returns ``probs`` [B, C] and
-    ``logits`` = log(probs).
+    ``logits`` = log(probs). Members are trained apart and joined by ``affectray ensemble``.
     """
 
     registry_name = "weighted_ensemble"
@@ -215,13 +219,7 @@ class WeightedEnsemble(nn.Module):
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's centre-frame probabilities: [M, B, C]."""
-        probs = []
-        for member in self.members:
-            out = member(centred_input(x, member))
-            p = out["probs"] if "probs" in out else out["logits"].float().softmax(-1)
-            if p.dim() == 3:  # many-to-many [B, T, C]: the centre frame
-                p = p[:, p.shape[1] // 2]
-            probs.append(p.float())
+        probs = [member.probabilities(member(centred_input(x, member))) for member in self.members]
         return torch.stack(probs)  # [M, B, C]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -231,6 +229,9 @@ class WeightedEnsemble(nn.Module):
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         return {"logits": logits, "probs": probs, "member_probs": member_probs}
 
+    def probabilities(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["probs"].float()
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.registry_name,
@@ -238,7 +239,7 @@ class WeightedEnsemble(nn.Module):
         }
 
 
-@register_model("weighted_ensemble")
+@register_model("weighted_ensemble", finetune="ensembles are joined from trained checkpoints by `affectray ensemble`")
 def weighted_ensemble(members: Sequence[dict[str, Any]], weights: Sequence[float] | None = None) -> WeightedEnsemble:
     """``members``: model descriptions (``{"name", "kwargs"}``), built fresh; weights come from the checkpoint."""
     return WeightedEnsemble([create_model_from_description(m) for m in members], weights)

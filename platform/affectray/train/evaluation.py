@@ -82,7 +82,7 @@ def evaluate_model(
     device: Any = "cpu",
     smooth_window: int = 1,
 ) -> EvalResult:
-    """Predict every evaluation sample of ``data`` and score it in ``class_view``.
+    """Predict every evaluation sample of ``data`` with ``model.probabilities`` and score it in ``class_view``.
 
     ``holdout`` reads the videos that ``data.val_fraction`` holds out; otherwise the
     rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
@@ -93,7 +93,6 @@ def evaluate_model(
     from affectray.data.loaders import build_dataset, iter_eval_batches
     from affectray.metrics import expression_metrics
     from affectray.models.cascade import smooth_predictions
-    from affectray.models.inference import probabilities
 
     cfg = eval_data_config(data)
     device = torch.device(device)
@@ -107,7 +106,7 @@ def evaluate_model(
         ):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 outputs = model(model_inputs(inputs, cfg))
-            probs.append(probabilities(outputs).cpu().numpy())
+            probs.append(model.probabilities(outputs).cpu().numpy())
             targets.append(view_targets(y, class_view).cpu().numpy())
             ids += list(meta["video_id"])
             frames.append(meta["frame_index"].numpy())

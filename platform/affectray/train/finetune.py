@@ -10,7 +10,10 @@ in one run (``model.name: cfc_cascade``), smooth predicting (``cfc_sp``),
 CNN-GRU / CNN-Transformer windows, the ESR ensemble and the MAE-DFER clip
 classifier (``video_encoder_classifier``, optionally initialised from a
 pretraining checkpoint, with layer-wise lr decay). Frame models read frames,
-window models read clips of ``data.num_frames`` frames.
+window models read clips of ``data.num_frames`` frames. Each model owns its loss
+and its probabilities (``affectray.models.heads``): the task below asks the model
+and never branches on a family. Weighted ensembles are not trained here: they are
+joined from trained checkpoints by ``affectray ensemble``.
 
 Every epoch ends with validation on held-out videos (or a split), scored with
 macro F1, accuracy, UAR, WAR and ABAW2; the best checkpoint by
@@ -29,9 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
+from affectray import checkpoints as ckpt
+from affectray.config import ConfigError, location
 from affectray.data.loaders import DataConfig
-from affectray.models.registry import ModelConfig
+from affectray.models.registry import ModelConfig, create_model_from_description, model_info
 from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
 
 logger = logging.getLogger("affectray.finetune")
@@ -58,7 +64,8 @@ class LossConfig:
     # cross-entropy by inverse frequency, its square root (milder), or not at all.
     class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
     label_smoothing: float = 0.0
-    diversity_weight: float | None = None  # ESR only; None = the model's own setting
+    # ESR's diversity term: set as the model's own diversity_weight argument; None = the model's setting.
+    diversity_weight: float | None = None
 
 
 @dataclass
@@ -66,7 +73,7 @@ class EvalConfig:
     # Validation data: rows of this split of data.root, or the shards at root, or
     # (both unset) the whole videos that data.val_fraction holds out of data.root.
     split: str | None = None
-    root: str | None = None
+    root: str | None = location(None)
     metric: Literal["f1_macro", "accuracy", "uar", "war", "abaw2"] = "f1_macro"  # picks the best checkpoint
     batch_size: int = 64
     smooth_window: int = 1  # >1: average predictions over this many frames of a video before scoring
@@ -82,7 +89,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Start from: a checkpoint of this platform (pretraining: the video encoder; a classifier:
     # every weight whose shape fits) or a local .safetensors/.pth file; null = random init.
-    init: str | None = None
+    init: str | None = location(None)
     layer_decay: float | None = None  # layer-wise lr decay for ViT encoders (MAE-DFER uses 0.75)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=20))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, epochs=10, checkpoint_every=500))
@@ -91,42 +98,50 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from affectray.config import ConfigError
-
         if self.data.label == "none":
             raise ConfigError("data.label='none' gives no targets: use center, frames or clip")
         if self.eval.split is None and self.eval.root is None and self.data.val_fraction <= 0:
             raise ConfigError(
                 "no validation data: set data.val_fraction > 0 (held-out videos), eval.split or eval.root"
             )
-        if self.model.name == "cfc_cascade" and self.class_view != "abaw8":
-            raise ConfigError("model.name=cfc_cascade predicts all 8 classes: use class_view=abaw8")
 
 
 # --------------------------------------------------------------------------- model + data
 
 
 def model_description(config: FinetuneConfig) -> dict[str, Any]:
-    """The registry description of the model to train, with the view's class count."""
+    """The registry description of the model to train, with the view's class count.
+
+    What the family registered (``registry.ModelInfo``) decides the rest: a fixed
+    class count (the CFC cascade's 8) must be the view's, and a family that
+    fine-tuning does not train (the weighted ensemble) is refused here, on the driver.
+    """
     from affectray.train.evaluation import CLASS_VIEWS
 
+    name, view = config.model.name, config.class_view
+    classes = len(CLASS_VIEWS[view])
+    info = model_info(name)  # ModelError for an unknown name
+    if info.finetune is not None:
+        raise ConfigError(f"model.name={name!r} is not fine-tuned: {info.finetune}")
     kwargs = config.model.to_kwargs()
-    if config.model.name != "cfc_cascade":
-        kwargs.setdefault("num_classes", len(CLASS_VIEWS[config.class_view]))
-        if kwargs["num_classes"] != len(CLASS_VIEWS[config.class_view]):
-            from affectray.config import ConfigError
-
+    if config.loss.diversity_weight is not None:
+        kwargs["diversity_weight"] = config.loss.diversity_weight  # the model's argument: its describe() records it
+    if info.num_classes is not None:  # no num_classes argument: the family always predicts its own classes
+        if info.num_classes != classes or "num_classes" in kwargs:
+            fits = [v for v, labels in CLASS_VIEWS.items() if len(labels) == info.num_classes]
             raise ConfigError(
-                f"model.num_classes={kwargs['num_classes']} but class_view={config.class_view!r} has "
-                f"{len(CLASS_VIEWS[config.class_view])} classes"
+                f"model.name={name!r} always predicts {info.num_classes} classes: leave model.num_classes unset "
+                f"and use class_view={fits[0] if fits else '?'} (not {view!r})"
             )
-    return {"name": config.model.name, "kwargs": kwargs}
+        return {"name": name, "kwargs": kwargs}
+    kwargs.setdefault("num_classes", classes)
+    if kwargs["num_classes"] != classes:
+        raise ConfigError(f"model.num_classes={kwargs['num_classes']} but class_view={view!r} has {classes} classes")
+    return {"name": name, "kwargs": kwargs}
 
 
 def check_geometry(model, data: DataConfig) -> None:
     """Frame models read frames; window models read clips as long as their window."""
-    from affectray.config import ConfigError
-
     kind = getattr(model, "input_kind", "frame")
     if kind == "frame" and data.mode != "frame":
         raise ConfigError(f"{type(model).__name__} classifies single frames: set data.mode=frame")
@@ -155,14 +170,19 @@ def training_data(config: FinetuneConfig) -> DataConfig:
     return config.data
 
 
-def class_weights(config: FinetuneConfig) -> list[float] | None:
-    """Per-class loss weights of the view from the training rows' label counts (label columns only)."""
+def class_weights(config: FinetuneConfig, model=None) -> list[float] | None:
+    """Per-class loss weights of the view from the training rows' label counts (label columns only).
+
+    None with ``loss.class_weights=none``, or for a ``model`` whose loss takes no class
+    weights (``model.class_weighted`` False: the CFC cascade's coarse/negative split is
+    its own answer to imbalance).
+    """
     from affectray.data.loaders import class_counts
     from affectray.labels import ABAW8
     from affectray.train.evaluation import CLASS_VIEWS, view_targets
 
-    if config.loss.class_weights == "none" or config.model.name == "cfc_cascade":
-        return None  # the cascade's coarse/negative split is itself its answer to imbalance
+    if config.loss.class_weights == "none" or (model is not None and not model.class_weighted):
+        return None
     data = training_data(config)
     counts8 = class_counts(dataclasses.replace(data, label="clip" if data.label == "clip" else "center"), len(ABAW8))
     view = view_targets(np.repeat(np.arange(len(ABAW8)), counts8), config.class_view)
@@ -181,7 +201,6 @@ def class_weights(config: FinetuneConfig) -> list[float] | None:
 def initialise(model, uri: str) -> None:
     """Load starting weights into a fresh model (see FinetuneConfig.init)."""
     from affectray import storage
-    from affectray.train import checkpoint as ckpt
 
     is_checkpoint = storage.exists(storage.join(uri, ckpt.META_FILE))
     if not is_checkpoint:
@@ -193,7 +212,7 @@ def initialise(model, uri: str) -> None:
         meta = ckpt.read_meta(directory)
         state = ckpt.load_weights(directory)
     if meta.get("kind") == "pretrain":
-        from affectray.models.mae import load_encoder_from_pretrain
+        from affectray.models.video_classifier import load_encoder_from_pretrain
 
         load_encoder_from_pretrain(model, state)
         logger.info("initialised the video encoder from pretraining checkpoint %s", uri)
@@ -224,21 +243,24 @@ class ClassifierTask:
         self.weights = weights
         self.manifest = manifest or {}
         self.last_eval: dict[str, Any] = {}
+        self.built_description: dict[str, Any] | None = None  # model.describe() of the built model
 
     # -- model
     def build_model(self):
-        from affectray.models.registry import create_model_from_description
-
         model = create_model_from_description(self.description)
         if self.config.init:
             initialise(model, self.config.init)
+        # Checkpoints describe the model as built, not as configured: describe() leaves out
+        # construction-time weight files (driver-local paths a label actor could not open);
+        # the checkpoint carries the trained weights itself.
+        self.built_description = model.describe()
         return model
 
     def param_groups(self, model, weight_decay: float):
         from affectray.train.loop import param_groups
 
         if self.config.layer_decay is not None:
-            from affectray.models.mae import param_groups_lrd
+            from affectray.train.optim import param_groups_lrd
 
             return param_groups_lrd(model, weight_decay, self.config.layer_decay)
         return param_groups(model, weight_decay)
@@ -257,43 +279,13 @@ class ClassifierTask:
 
     # -- loss
     def loss(self, model, batch):
-        import torch
-        import torch.nn.functional as F
-
         inputs, targets = batch
-        outputs = model(inputs)
-        if self.description["name"] == "cfc_cascade":
-            from affectray.models.cascade import cascade_loss
-
-            if targets.dim() == 2:  # per-frame targets: the cascade predicts the centre frame
-                targets = targets[:, targets.shape[1] // 2]
-            return cascade_loss(outputs, targets), {}
-        weight = torch.tensor(self.weights, device=inputs.device) if self.weights else None
-        smoothing = self.config.loss.label_smoothing
-
-        def ce(logits, y):
-            # [.., C] logits, [..] targets; a batch without any target in the view adds 0, not NaN.
-            logits, y = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
-            if not (y >= 0).any():
-                return logits.sum() * 0.0
-            return F.cross_entropy(logits, y, weight=weight, ignore_index=-1, label_smoothing=smoothing)
-
-        if "branch_logits" in outputs:  # ESR: every branch learns on its own, plus the diversity term
-            from affectray.models.ensembles import diversity_loss
-
-            branches = outputs["branch_logits"]  # [N, B, C]
-            loss = ce(branches, targets.expand(branches.shape[0], -1)) * branches.shape[0]
-            w = self.config.loss.diversity_weight
-            w = model.cfg.diversity_weight if w is None else w
-            if w:
-                loss = loss + w * diversity_loss(outputs["branch_features"])
-            return loss, {}
-        logits = outputs["logits"]
-        if logits.dim() == 3 and targets.dim() == 1:  # many-to-many model, one target: its centre frame
-            logits = logits[:, logits.shape[1] // 2]
-        elif logits.dim() == 2 and targets.dim() == 2:  # one prediction, per-frame targets: the centre's
-            targets = targets[:, targets.shape[1] // 2]
-        return ce(logits, targets), {}
+        outputs = model(inputs)  # through the DDP wrapper, so gradients synchronise
+        weights = torch.tensor(self.weights, device=inputs.device) if self.weights else None
+        # The bare model owns its loss (models/heads.py): the cascade's stages, ESR's branches, ...
+        return ckpt.unwrap(model).loss(
+            outputs, targets, class_weights=weights, label_smoothing=self.config.loss.label_smoothing
+        )
 
     # -- evaluation and checkpoints
     def evaluate(self, model, device) -> dict[str, float]:
@@ -319,11 +311,13 @@ class ClassifierTask:
         from affectray.config import config_to_dict
         from affectray.train.evaluation import CLASS_VIEWS
 
+        if self.built_description is None:
+            raise RuntimeError("checkpoint_meta() before build_model(): a checkpoint describes the model as built")
         data = self.config.data
         val_data, holdout = validation_data(self.config)
         return {
             "kind": "classifier",
-            "model": self.description,
+            "model": self.built_description,
             "label_set": CLASS_VIEWS[self.config.class_view].to_dict(),
             "class_view": self.config.class_view,
             "preprocessing": {
@@ -358,21 +352,19 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     from affectray import storage
     from affectray.data import shards
     from affectray.data.loaders import build_dataset
-    from affectray.data.sample import ensure_sample_shards
-    from affectray.models.registry import create_model_from_description
-    from affectray.train import checkpoint as ckpt
+    from affectray.sample.shards import ensure_sample_shards
     from affectray.train.loop import BEST_CHECKPOINT_DIR, METRICS_FILE, fit, planned_steps
 
     start = time.perf_counter()
+    description = model_description(config)  # before any work: a config mistake fails at once
     if config.sample_corpus_if_empty:
         ensure_sample_shards(config.data.root, image_size=config.data.image_size, seed=config.seed)
     manifest = shards.read_manifest(config.data.root)
-    description = model_description(config)
     probe = create_model_from_description(description)  # fails here, on the driver, for a bad model config
     check_geometry(probe, config.data)
     num_params = sum(p.numel() for p in probe.parameters())
+    weights = class_weights(config, probe)
     del probe
-    weights = class_weights(config)
     steps = planned_steps(training_data(config), config.optim, config.train, config.run)
     task = ClassifierTask(config, description, weights, manifest)
     result, run_uri = fit(

@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
+from affectray import checkpoints as ckpt
 from affectray import storage
 from affectray.config import location
 from affectray.errors import JobError
-from affectray.train import checkpoint as ckpt
 
 
 @dataclass
@@ -112,7 +113,9 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name else decay).append(
+            p
+        )
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -242,7 +245,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 first_loss = window.losses[0]
             window.elapsed_until(time.perf_counter())
             if step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0 or step >= total_steps:
-                last_metrics = {**window.summary(), "lr": lr, "step": step, "epoch": epoch, "first_loss": first_loss, "resumed_from_step": resumed_from, "worker_nodes": node_ids, **extra}
+                last_metrics = {
+                    **window.summary(),
+                    "lr": lr,
+                    "step": step,
+                    "epoch": epoch,
+                    "first_loss": first_loss,
+                    "resumed_from_step": resumed_from,
+                    "worker_nodes": node_ids,
+                    **extra,
+                }
                 window = _Meter()
                 if step % train_cfg.checkpoint_every == 0 or step >= total_steps:
                     save(last_metrics, epoch_done=False)

@@ -64,7 +64,7 @@ class MAETask:
         return {**self.config.model.overrides, "img_size": data.image_size, "num_frames": data.num_frames}
 
     def build_model(self):
-        from affectray.models.mae import build_pretrain_model
+        from affectray.models.video_classifier import build_pretrain_model
 
         return build_pretrain_model(self.config.model.name, self.config.model.size, **self.model_kwargs())
 
@@ -107,7 +107,7 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train; returns the job summary (steps, first/last loss, checkpoint URI)."""
     from affectray.data import shards
     from affectray.data.loaders import build_dataset
-    from affectray.data.sample import ensure_sample_shards
+    from affectray.sample.shards import ensure_sample_shards
     from affectray.train.loop import checkpoint_uri, fit, planned_steps
 
     start = time.perf_counter()

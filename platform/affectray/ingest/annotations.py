@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections import defaultdict
-from typing import Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 
 from affectray import labels, storage
 from affectray.errors import AffectrayError
-from affectray.data.sources import WorkUnit, list_relative
+from affectray.ingest.sources import WorkUnit, list_relative
 
 __all__ = [
     "AnnotationError",

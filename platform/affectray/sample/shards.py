@@ -26,15 +26,17 @@ def ensure_sample_shards(
     through the real ingest job (aligned-frames layout), so smoke runs read exactly
     what a real Aff-Wild2 ingest produces.
     """
-    from affectray.data.ingest import IngestConfig, run_ingest
-    from affectray.data.synth import SynthConfig, write_sample_corpus
+    from affectray.ingest.job import IngestConfig, run_ingest
+    from affectray.sample.synth import SynthConfig, write_sample_corpus
 
     if shards.list_shards(root):
         return False
     logger.info("no shards under %s: building the sample corpus there", root)
     with tempfile.TemporaryDirectory(prefix="affectray-sample-") as tmp:
         corpus = Path(tmp)
-        write_sample_corpus(corpus, SynthConfig(seed=seed, num_videos=num_videos, num_real_videos=0, no_face_video=False))
+        write_sample_corpus(
+            corpus, SynthConfig(seed=seed, num_videos=num_videos, num_real_videos=0, no_face_video=False)
+        )
         run_ingest(
             IngestConfig(
                 source=str(corpus / "aligned"),

@@ -248,7 +248,9 @@ class Cascade:
         rows = area_windows(y - 1, ey - y + 1, side)
         cols = area_windows(x - 1, ex - x + 1, side)
         frame = image.cpu().numpy()[inside]
-        return _normalised(_crop_means(table, frame, rows, cols), self.device), torch.as_tensor(inside, device=self.device)
+        return _normalised(_crop_means(table, frame, rows, cols), self.device), torch.as_tensor(
+            inside, device=self.device
+        )
 
     def _refine(self, table, boxes, image):
         """R-net: keep candidates it scores above its threshold, merge, regress, square."""
@@ -280,4 +282,3 @@ class Cascade:
             [width * marks[:, :5] + boxes[:, :1] - 1, height * marks[:, 5:] + boxes[:, 1:2] - 1], dim=2
         )  # [N, 5, 2], landmarks relative to O-net's input box
         return bbreg(boxes, reg), image, points
-

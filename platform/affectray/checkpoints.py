@@ -19,9 +19,10 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from affectray import storage
 from affectray.errors import AffectrayError
@@ -38,7 +39,7 @@ class CheckpointError(AffectrayError):
 def unwrap(model):
     """The bare module under DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

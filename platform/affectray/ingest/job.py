@@ -27,16 +27,16 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from affectray import storage
 from affectray.config import location, resolve_locations
 from affectray.data import shards
-from affectray.data.faces import LazyDetector
-from affectray.data.sources import LAYOUTS, WorkUnit, list_units
 from affectray.errors import JobError
+from affectray.faces.detect import LazyDetector
+from affectray.ingest.sources import LAYOUTS, WorkUnit, list_units
 
 logger = logging.getLogger("affectray.ingest")
 
@@ -144,9 +144,10 @@ class UnitProcessor:
     # -- videos: decode → detect → align → track → segments -------------------------------
 
     def _read_video(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
-        from affectray.data.faces import detect_and_align, encode_jpeg
-        from affectray.data.tracking import IoUTracker, select_tracks
-        from affectray.data.video import VideoDecodeError, iter_frames
+        from affectray.faces.detect import detect_and_align
+        from affectray.faces.jpeg import encode_jpeg
+        from affectray.faces.tracking import IoUTracker, select_tracks
+        from affectray.faces.video import VideoDecodeError, iter_frames
 
         cfg = self.config
         result = UnitResult(unit.key, unit.source, "ok")
@@ -155,7 +156,9 @@ class UnitProcessor:
         try:
             with storage.open_input(unit.uris[0]) as stream:
                 for batch in iter_frames(stream, max_side=cfg.decode_max_side, batch_size=cfg.decode_batch):
-                    faces_per_frame = detect_and_align(self.detector(), batch.images, cfg.image_size, cfg.detect_max_side)
+                    faces_per_frame = detect_and_align(
+                        self.detector(), batch.images, cfg.image_size, cfg.detect_max_side
+                    )
                     for frame, pts, (found, crops) in zip(batch.frame_index, batch.pts_seconds, faces_per_frame):
                         result.frames += 1
                         result.frames_with_face += bool(found)
@@ -211,7 +214,7 @@ class UnitProcessor:
         return result, segments
 
     def _load_image(self, uri: str) -> tuple[bytes | None, str]:
-        from affectray.data.faces import decode_jpeg, encode_jpeg
+        from affectray.faces.jpeg import decode_jpeg, encode_jpeg
 
         size = self.config.image_size
         try:
@@ -229,18 +232,20 @@ class UnitProcessor:
     # -- shared ------------------------------------------------------------------------
 
     def _annotation(self, unit: WorkUnit) -> tuple[str, np.ndarray] | None:
-        from affectray.data.annotations import read_annotation
+        from affectray.ingest.annotations import read_annotation
 
         uri = self.annotation_uris.get(unit.key)
         return None if uri is None else read_annotation(uri)
 
     def _segments(self, unit, track_id, frames, pts, images, annotation, scores) -> list[shards.Segment]:
-        from affectray.data.annotations import frame_labels
+        from affectray.ingest.annotations import frame_labels
 
         cfg = self.config
         kind, values = annotation if annotation else ("expr", None)
         labels = (
-            frame_labels(values, frames) if kind == "expr" and values is not None else np.full(len(frames), -1, np.int16)
+            frame_labels(values, frames)
+            if kind == "expr" and values is not None
+            else np.full(len(frames), -1, np.int16)
         )
         va = frame_labels(values, frames) if kind == "va" else None
         segments = []
@@ -266,7 +271,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     """Ingest ``config.source`` into shards under ``config.out``; returns the job summary."""
     import ray
 
-    from affectray.data.annotations import find_annotations
+    from affectray.ingest.annotations import find_annotations
     from affectray.runtime import init_ray
 
     start = time.perf_counter()
@@ -283,13 +288,17 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
         raise JobError(f"no inputs of layout {config.layout!r} found under {config.source!r}")
     annotation_uris = find_annotations(config.annotations, listing.units) if config.annotations else {}
     todo = listing.units if config.overwrite else _pending(config.out, listing.units)
-    logger.info("%d work units, %d already done, %d to process", len(listing.units), len(listing.units) - len(todo), len(todo))
+    logger.info(
+        "%d work units, %d already done, %d to process", len(listing.units), len(listing.units) - len(todo), len(todo)
+    )
 
     if todo:
         init_ray()  # after listing: a bad SOURCE fails in a second, not after Ray starts
         has_video = any(u.kind == "video" for u in todo)
         gpus = ray.cluster_resources().get("GPU", 0) if has_video else 0
-        workers = config.workers or (int(gpus / config.gpus_per_worker) if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
+        workers = config.workers or (
+            int(gpus / config.gpus_per_worker) if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+        )
         workers = max(1, min(workers, len(todo)))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -372,9 +381,7 @@ def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
         },
         "shards": sorted((r["shard"] for r in results if r["shard"]), key=lambda s: s["file"]),
         "failures": [
-            {"input": r["source"], "status": r["status"], "reason": r["reason"]}
-            for r in results
-            if r["status"] != "ok"
+            {"input": r["source"], "status": r["status"], "reason": r["reason"]} for r in results if r["status"] != "ok"
         ]
         + [{"input": x["input"], "status": "refused", "reason": x["reason"]} for x in listing.refused],
     }
@@ -395,7 +402,9 @@ def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
     done_dir = storage.join(out, shards.DONE_DIR)
     if not storage.exists(done_dir):
         return list(units)
-    done = {uri.replace("\\", "/").rsplit("/", 1)[-1][: -len(".json")] for uri in storage.list_files(done_dir, (".json",))}
+    done = {
+        uri.replace("\\", "/").rsplit("/", 1)[-1][: -len(".json")] for uri in storage.list_files(done_dir, (".json",))
+    }
     return [u for u in units if u.key not in done]
 
 

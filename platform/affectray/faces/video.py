@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, NamedTuple, Union
+from typing import BinaryIO, NamedTuple
 
 import av
 import numpy as np
@@ -44,7 +44,7 @@ __all__ = [
     "source_name",
 ]
 
-VideoSource = Union[str, os.PathLike, BinaryIO]
+VideoSource = str | os.PathLike | BinaryIO
 
 # VideoDecodeError.reason values.
 EMPTY = "empty file"

@@ -32,8 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from affectray.labels import ABAW8
 from affectray.errors import JobError
+from affectray.labels import ABAW8
 
 __all__ = [
     "EXPR_CLASSES",
@@ -509,8 +509,7 @@ def _no_face_frames(rng: np.random.Generator, config: SynthConfig) -> list[np.nd
     c0, c1 = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
     base = (c0 + (c1 - c0) * ramp).astype(np.float32) * np.ones((height, 1, 1), np.float32)
     shapes = [
-        (rng.uniform(0, width, 2), rng.uniform(-4, 4, 2), rng.uniform(20, 90, 2), _random_colour(rng))
-        for _ in range(6)
+        (rng.uniform(0, width, 2), rng.uniform(-4, 4, 2), rng.uniform(20, 90, 2), _random_colour(rng)) for _ in range(6)
     ]
     frames = []
     for i in range(n):
@@ -594,7 +593,7 @@ def _prepare(root: Path) -> None:
 def _readme(summary: dict, config: SynthConfig) -> str:
     size = config.image_size
     lines = [
-        "affectray built-in sample corpus (written by affectray.data.synth; no download).",
+        "affectray built-in sample corpus (written by affectray.sample.synth; no download).",
         "",
         f"aligned/<video_id>/NNNNN.jpg  {summary['num_videos']} videos of drawn faces, {size}x{size}, "
         "Aff-Wild2 cropped_aligned layout.",
@@ -609,13 +608,14 @@ def _readme(summary: dict, config: SynthConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_sample_corpus(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig()) -> dict:
+def write_sample_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = None) -> dict:
     """Write the sample corpus under local directory ``out_dir`` and return its summary.
 
     ``out_dir`` must be missing, empty, or an earlier sample corpus (which is replaced).
     The summary (also saved in ``synth.json``) gives paths relative to ``out_dir``, frame
     counts and the label histogram; the returned dict adds ``root``, the absolute path.
     """
+    config = config or SynthConfig()
     root = _local_root(out_dir)
     _prepare(root)
     drawn = [_write_drawn_video(root, i, config) for i in range(config.num_videos)]

@@ -20,9 +20,9 @@ __all__ = ["combine_ensemble"]
 
 
 def combine_ensemble(uris: list[str], out_uri: str, weights: list[float] | None = None) -> dict[str, Any]:
+    from affectray import checkpoints as ckpt
+    from affectray.combine.cascade import load_member, write_composite
     from affectray.models.temporal import WeightedEnsemble
-    from affectray.train import checkpoint as ckpt
-    from affectray.train.cascade import load_member, write_composite
 
     if len(uris) < 2:
         raise ckpt.CheckpointError("an ensemble needs at least two member checkpoints")
@@ -36,7 +36,9 @@ def combine_ensemble(uris: list[str], out_uri: str, weights: list[float] | None 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("members", nargs="+", help="classifier checkpoint URIs (e.g. runs/<name>/best_checkpoint)")
-    parser.add_argument("--out", required=True, help="where to write the ensemble checkpoint (local dir or s3:// prefix)")
+    parser.add_argument(
+        "--out", required=True, help="where to write the ensemble checkpoint (local dir or s3:// prefix)"
+    )
     parser.add_argument("--weights", type=float, nargs="+", help="one non-negative weight per member (default: equal)")
 
 

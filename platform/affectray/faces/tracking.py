@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
-from affectray.data.faces import Detection
+from affectray.faces.detect import Detection
 
 __all__ = ["IoUTracker", "Track", "box_iou", "largest_track", "select_tracks"]
 
-Boxes = Union[np.ndarray, Sequence[Detection]]  # [N, 4] x1, y1, x2, y2, or detections
+Boxes = np.ndarray | Sequence[Detection]  # [N, 4] x1, y1, x2, y2, or detections
 
 
 @dataclass(eq=False)

@@ -36,8 +36,9 @@ import hashlib
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 from affectray import labels, storage
 from affectray.errors import AffectrayError

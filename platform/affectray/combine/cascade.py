@@ -21,8 +21,8 @@ __all__ = ["combine_cascade", "joint_preprocessing", "load_member", "write_compo
 
 def load_member(uri: str, *, class_view: str | None = None):
     """(model with its trained weights, meta) of a classifier checkpoint to join into a composite."""
+    from affectray import checkpoints as ckpt
     from affectray.models.registry import create_model_from_description
-    from affectray.train import checkpoint as ckpt
 
     with ckpt.open_checkpoint(uri) as directory:
         meta = ckpt.read_meta(directory)
@@ -41,7 +41,7 @@ def joint_preprocessing(metas: list[dict[str, Any]], window: int) -> dict[str, A
     (``centred_input``), so frame and window members combine when their image size,
     normalisation and (for windows) frame stride agree.
     """
-    from affectray.train import checkpoint as ckpt
+    from affectray import checkpoints as ckpt
 
     pres = [m["preprocessing"] for m in metas]
     for key in ("image_size", "mean", "std"):
@@ -62,9 +62,9 @@ def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri
     import dataclasses
     import tempfile
 
+    from affectray import checkpoints as ckpt
     from affectray.config import config_from_dict, config_to_dict
     from affectray.data.loaders import DataConfig
-    from affectray.train import checkpoint as ckpt
 
     preprocessing = joint_preprocessing(metas, getattr(model, "window", 1))
     validation = dict(metas[0].get("validation") or {})

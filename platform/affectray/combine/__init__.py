@@ -1,0 +1,1 @@
+"""Join trained classifier checkpoints into one: the CFC-SP cascade, weighted ensembles."""
