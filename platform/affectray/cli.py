@@ -30,16 +30,20 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; only ``verb``'s module is imported and given its arguments (all, when None)."""
     parser = argparse.ArgumentParser(
         prog="affectray",
         description="A Ray platform for video facial expression recognition.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module_name, help_text) in VERBS.items():
+    for name, (module_name, help_text) in VERBS.items():
+        if verb is not None and name != verb:
+            sub.add_parser(name, help=help_text)  # listed in --help, its module never imported
+            continue
         module = importlib.import_module(module_name)
         verb_parser = sub.add_parser(
-            verb, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(_module=module)
@@ -49,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from affectray.runtime import run_job
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The first word that names a verb picks the one module to import (`affectray --help` imports none).
+    verb = next((word for word in argv if word in VERBS), "")
+    args = build_parser(verb).parse_args(argv)
     return run_job(args._module.main, args)
 
 

@@ -175,14 +175,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from affectray.config import resolve_location
     from affectray.models.inference import load_classifier
     from affectray.runtime import init_ray
 
+    # Ray Data's readers run in directories of their own: local paths become absolute here.
+    checkpoint, shards_root = resolve_location(args.checkpoint), resolve_location(args.shards)
     init_ray(args.address)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    classifier = load_classifier(args.checkpoint, device=device)
+    classifier = load_classifier(checkpoint, device=device)
     meta = classifier.meta
-    data, holdout = checkpoint_data_config(meta, args.shards)
+    data, holdout = checkpoint_data_config(meta, shards_root)
     if args.split is not None or args.all:
         data, holdout = dataclasses.replace(data, split=args.split, val_fraction=0.0), False
     smooth = args.smooth_window or int((meta.get("validation") or {}).get("smooth_window", 1))
@@ -194,9 +197,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(format_metrics(metrics))
     return {
         "job": "evaluate",
-        "checkpoint": args.checkpoint,
+        "checkpoint": checkpoint,
         "model_id": classifier.model_id,
-        "shards": args.shards,
+        "shards": shards_root,
         "selection": {"split": data.split, "holdout": holdout, "val_fraction": data.val_fraction},
         "num_classes": len(metrics["classes"]),
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},

@@ -121,10 +121,14 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. ``config`` holds the task and the loop's settings."""
+    import ray.data
     import ray.train
     import ray.train.torch
     import torch
 
+    # Progress bars of datasets built here (validation) reach the driver as hundreds of escaped
+    # lines; the loop reports its own progress (loss, samples/s, data wait) instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     task: Task = config["task"]
     optim_cfg: OptimConfig = config["optim"]
     train_cfg: TrainConfig = config["train"]
@@ -362,6 +366,10 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    for dataset in datasets.values():
+        # The feed runs in Ray Train's split coordinator: its progress bars would reach the
+        # driver as escaped lines, every epoch. The loop logs loss, samples/s and data wait.
+        dataset.context.enable_progress_bars = False
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = run_cfg.use_gpu == "yes" or (run_cfg.use_gpu == "auto" and gpus >= run_cfg.num_workers)
     storage_fs, storage_path = storage.pyarrow_filesystem(run_cfg.storage)
