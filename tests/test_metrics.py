@@ -41,7 +41,7 @@ def test_matches_sklearn(seed, num_classes, n, missing, unlabelled):
     keep = y_true != -1
     t, p = y_true[keep], y_pred[keep]
     labels = list(range(num_classes))
-    f1 = f1_score(t, p, average="macro", labels=labels, zero_division=0)
+    f1 = f1_score(t, p, average="macro", zero_division=0)  # over the classes that occur, true or predicted
     per_class = f1_score(t, p, average=None, labels=labels, zero_division=0)
     acc = accuracy_score(t, p)
     with warnings.catch_warnings():
@@ -67,8 +67,9 @@ def test_uar_differs_from_accuracy_on_imbalanced_data():
     m = expression_metrics(y_true, y_pred, num_classes=8)
     assert m["accuracy"] == pytest.approx(0.9)
     assert m["uar"] == pytest.approx(0.5)
-    # F1 over all 8 classes: Neutral 2*90/(90+100), the other seven score 0.
-    assert m["f1_macro"] == pytest.approx((180 / 190) / 8)
+    # F1 over the two classes that occur: Neutral 2*90/(90+100), Anger 0; the six absent ones do not count.
+    assert m["f1_macro"] == pytest.approx((180 / 190) / 2)
+    assert m["per_class_f1"][2:] == [0.0] * 6
     assert m["confusion"][1][0] == 10 and sum(map(sum, m["confusion"])) == 100
 
 

@@ -33,8 +33,10 @@ def expression_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, 
     and ``count`` (samples scored).
 
     Args:
-        num_classes: size of the label set; F1 averages over all of them, a class with
-            no true and no predicted sample scoring 0 (as sklearn with zero_division=0).
+        num_classes: size of the label set. Macro F1 averages over the classes that occur,
+            as a true or a predicted class (sklearn's default labels): a class with no sample
+            and no prediction has no F1 to speak of, and averaging its 0 in would only say
+            how many classes the data lacks. ``per_class_f1`` still lists every class (0 there).
     """
     y_true = _as_int_labels(y_true, "y_true")
     y_pred = _as_int_labels(y_pred, "y_pred")
@@ -66,7 +68,7 @@ def expression_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, 
     recall = hits[present] / support[present]
 
     count = int(y_true.size)
-    f1_macro = float(per_class_f1.mean())
+    f1_macro = float(per_class_f1[denom > 0].mean())
     accuracy = float(hits.sum() / count)
     return {
         "f1_macro": f1_macro,

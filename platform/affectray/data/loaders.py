@@ -42,7 +42,7 @@ import hashlib
 import math
 import posixpath
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,8 +108,11 @@ class DataConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop aspect range (train)
     hflip: float = 0.5
     color_jitter: float = 0.3  # brightness/contrast/saturation strength, 0 = off
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Model input channels: 3 (RGB) or 1 (grey, ITU-R 601 luma as cv2 computes it, e.g. FER2013 models);
+    # mean and std have one value per channel, in [0, 1] units.
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     seed: int = 0
     segments_per_batch: int = 8  # segments per Ray Data task call (a frame-mode segment gives many rows)
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer; 0 = 4 x batch size
@@ -155,6 +158,12 @@ def validate(cfg: DataConfig) -> None:
         raise bad("color_jitter", "must be in [0, 1)")
     if cfg.shuffle_buffer < 0:
         raise bad("shuffle_buffer", "must be >= 0")
+    if cfg.channels not in (1, 3):
+        raise bad("channels", "use 3 (RGB) or 1 (grey)")
+    if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
+        raise LoaderError(
+            f"data.mean and data.std need one value per channel ({cfg.channels}), got {cfg.mean} and {cfg.std}"
+        )
 
 
 # --------------------------------------------------------------------------- selection
@@ -651,14 +660,37 @@ def to_model_input(
     device = _resolve_device(device)
     dtype = dtype or torch.float32
     key = "video" if cfg.mode == "clip" else "image"
-    x = batch[key].to(device, non_blocking=True)
-    x = x.permute(0, 4, 1, 2, 3) if cfg.mode == "clip" else x.permute(0, 3, 1, 2)
-    shape = (1, 3) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(cfg.mean, device=device, dtype=torch.float32).view(shape) * 255.0
-    std = torch.tensor(cfg.std, device=device, dtype=torch.float32).view(shape) * 255.0
-    # Normalise in float32, then cast: bf16 has too few bits for (x - mean) / std to be exact.
-    x = (x.float() - mean) / std
+    x = normalise_pixels(batch[key].to(device, non_blocking=True), cfg.mean, cfg.std, cfg.channels)
+    if cfg.mode == "clip":
+        x = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]
     return x.to(dtype).contiguous()
+
+
+# ITU-R BT.601 luma (0.299, 0.587, 0.114) in cv2.cvtColor's 15-bit fixed point (OpenCV 5), so grey
+# levels here are exactly those of cv2.cvtColor(..., COLOR_RGB2GRAY) that FER2013 models saw.
+_LUMA_Q15 = (9798, 19235, 3735)
+
+
+def normalise_pixels(
+    pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int = 3
+) -> torch.Tensor:
+    """uint8 [..., H, W, 3] RGB → float32 [..., C, H, W], (x / 255 - mean) / std per channel.
+
+    The one normalisation of model inputs: training, evaluation and inference all call it.
+    ``channels`` 1 turns RGB into grey first, level for level as cv2 does.
+    Computed in float32 (then cast by the caller): bf16 has too few bits for it to be exact.
+    """
+    import torch
+
+    x = pixels.movedim(-1, -3)  # [..., 3, H, W]
+    if channels == 1:
+        luma = torch.tensor(_LUMA_Q15, device=x.device, dtype=torch.int32).view(3, 1, 1)
+        x = ((x.int() * luma).sum(dim=-3, keepdim=True) + (1 << 14)) >> 15
+    x = x.float()
+    shape = (channels, 1, 1)
+    mean_ = torch.tensor(tuple(mean), device=x.device, dtype=torch.float32).view(shape) * 255.0
+    std_ = torch.tensor(tuple(std), device=x.device, dtype=torch.float32).view(shape) * 255.0
+    return (x - mean_) / std_
 
 
 def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> torch.Tensor | None:

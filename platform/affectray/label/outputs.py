@@ -209,6 +209,7 @@ VIDEOS_SCHEMA = pa.schema(
         pa.field("seconds", pa.float64()),  # worker time spent on the video, all stages
         pa.field("output", pa.string()),
         pa.field("timeline", pa.string()),
+        pa.field("model", pa.string()),  # the checkpoint URI, e.g. builtin:fer-minixception
         pa.field("model_id", pa.string()),
         pa.field("finished_at", pa.string()),
     ],

@@ -50,7 +50,9 @@ class StageSettings:
     The defaults are the label job's too: LabelConfig reads them from here (job.py imports this module).
     """
 
-    image_size: int  # the classifier's input side: faces are aligned straight to it
+    image_size: int  # the classifier's input side: faces are cropped straight to it
+    crop: str = "aligned"  # the checkpoint's face crop: "aligned" (five points) or "box" (detector box)
+    crop_margin: float | None = None  # the crop's extra context; None: the crop's default
     chunk_frames: int = 16
     halo: int = 0  # extra frames on each side of a chunk, for window classifiers
     decode_max_side: int = 1280  # bounds memory for 4K; faces are aligned from these frames
@@ -306,8 +308,9 @@ class DetectFaces:
         for run in _same_size_runs(images):
             frames = [images[i] for i in run]
             results = detect_and_align(
-                self.detector(), frames, s.image_size, s.detect_max_side, detect_every=s.detect_every
-            )
+                self.detector(), frames, s.image_size, s.detect_max_side,
+                margin=s.crop_margin, detect_every=s.detect_every, crop=s.crop,
+            )  # fmt: skip
             for i, result in zip(run, results):
                 found[i] = result
         face_pos, boxes, scores, landmarks, crops = [], [], [], [], []
@@ -508,6 +511,7 @@ class Finisher:
     out: str
     classes: tuple[str, ...]
     model_id: str
+    model: str = ""  # the checkpoint URI the labels came from (builtin:fer-minixception, s3://…)
     smooth_window: int = 9
     smooth_method: str = "mean"
     track_iou: float = 0.3
@@ -538,6 +542,7 @@ class Finisher:
             "label_counts": {},
             "output": None,
             "timeline": None,
+            "model": self.model,
             "model_id": self.model_id,
         }
         errors = [p["error"] for p in parts if "error" in p]
@@ -582,6 +587,7 @@ class Finisher:
             "status": "failed",
             "reason": "lost",
             "error": "some of its chunks were lost: a worker died or a task failed for good (see the Ray logs)",
+            "model": self.model,
             "model_id": self.model_id,
             "seconds": {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

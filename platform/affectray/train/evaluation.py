@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from affectray.data.loaders import DataConfig
-from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, to_coarse, to_negative
+from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, remap, to_coarse, to_negative
 
 __all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "model_inputs", "view_targets"]
 
@@ -24,14 +24,21 @@ __all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "m
 CLASS_VIEWS: dict[str, LabelSet] = {"abaw8": ABAW8, "coarse": CFC_COARSE, "negative": CFC_NEGATIVE}
 
 
-def view_targets(abaw8_labels: Any, class_view: str) -> Any:
+def view_targets(abaw8_labels: Any, class_view: str | LabelSet) -> Any:
     """ABAW8 targets → the class view's indices (-1 where a frame has no class in the view).
 
-    Works on numpy arrays and torch tensors alike.
+    ``class_view`` is a name of CLASS_VIEWS or any label set, matched by class name
+    (a FER2013 model's seven classes in its own order). Works on numpy arrays and torch tensors alike.
     """
     if class_view == "abaw8":
         return abaw8_labels
-    convert = to_coarse if class_view == "coarse" else to_negative
+    if isinstance(class_view, LabelSet):
+        labelset = class_view
+
+        def convert(labels):
+            return remap(labels, ABAW8, labelset)
+    else:
+        convert = to_coarse if class_view == "coarse" else to_negative
     try:
         import torch
 
@@ -77,7 +84,7 @@ def evaluate_model(
     data: DataConfig,
     *,
     holdout: bool,
-    class_view: str = "abaw8",
+    class_view: str | LabelSet = "abaw8",
     batch_size: int = 64,
     device: Any = "cpu",
     smooth_window: int = 1,
@@ -96,7 +103,7 @@ def evaluate_model(
 
     cfg = eval_data_config(data)
     device = torch.device(device)
-    labelset = CLASS_VIEWS[class_view]
+    labelset = class_view if isinstance(class_view, LabelSet) else CLASS_VIEWS[class_view]
     was_training = model.training
     model.eval()
     probs, targets, ids, frames = [], [], [], []
@@ -129,8 +136,15 @@ def evaluate_model(
         _, groups = np.unique(result.video_id, return_inverse=True)
         scored = smooth_predictions(result.probs, smooth_window, groups=groups)
     keep = result.y_true >= 0
+    if not keep.any():
+        raise ValueError(
+            f"no evaluation sample of {data.root!r} has a class the model predicts ({', '.join(labelset.classes)})"
+        )
     metrics = expression_metrics(result.y_true[keep], scored[keep].argmax(axis=1), len(labelset))
-    result.metrics = {**metrics, "classes": list(labelset.classes), "class_view": class_view}
+    view_name = class_view.name if isinstance(class_view, LabelSet) else class_view
+    # Rows whose class the model does not have (e.g. Other, for a 7-class model) are left out.
+    result.metrics = {**metrics, "classes": list(labelset.classes), "class_view": view_name,
+                      "excluded": int((~keep).sum())}  # fmt: skip
     return result
 
 
@@ -155,7 +169,8 @@ def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig,
     pre = Preprocessing.from_meta(meta)
     data = DataConfig(
         root=root, mode="clip" if pre.mode == "clip" else "frame", num_frames=pre.num_frames,
-        frame_stride=pre.frame_stride, image_size=pre.image_size, mean=pre.mean, std=pre.std, label="center",
+        frame_stride=pre.frame_stride, image_size=pre.image_size, channels=pre.channels, mean=pre.mean, std=pre.std,
+        label="center",
     )  # fmt: skip
     return data, False
 
@@ -190,7 +205,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         data, holdout = dataclasses.replace(data, split=args.split, val_fraction=0.0), False
     smooth = args.smooth_window or int((meta.get("validation") or {}).get("smooth_window", 1))
     result = evaluate_model(
-        classifier.model, data, holdout=holdout, class_view=meta.get("class_view", "abaw8"),
+        classifier.model, data, holdout=holdout, class_view=checkpoint_class_view(meta),
         batch_size=args.batch_size, device=device, smooth_window=smooth,
     )  # fmt: skip
     metrics = result.metrics
@@ -202,14 +217,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "shards": shards_root,
         "selection": {"split": data.split, "holdout": holdout, "val_fraction": data.val_fraction},
         "num_classes": len(metrics["classes"]),
+        "classes": metrics["classes"],
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},
     }
+
+
+def checkpoint_class_view(meta: dict[str, Any]) -> str | LabelSet:
+    """The class view a checkpoint predicts in: a fine-tuning view's name, or its own label set.
+
+    Shards carry ABAW8 labels; a model with other classes (a built-in FER2013 model's
+    seven, in their own order) is scored on the classes it shares with them, by name.
+    """
+    view = meta.get("class_view")
+    if view in CLASS_VIEWS:
+        return view
+    if meta.get("label_set"):
+        return LabelSet.from_dict(meta["label_set"])
+    return "abaw8"
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A readable block: the headline figures, per-class F1 and the confusion matrix."""
     classes = metrics["classes"]
+    excluded = metrics.get("excluded", 0)
     lines = [
+        f"scored on the model's classes ({', '.join(classes)}); {excluded} samples of other classes left out"
+    ] if excluded else []  # fmt: skip
+    lines += [
         f"samples {metrics['count']}   macro F1 {metrics['f1_macro']:.4f}   accuracy {metrics['accuracy']:.4f}   "
         f"UAR {metrics['uar']:.4f}   WAR {metrics['war']:.4f}   ABAW2 {metrics['abaw2']:.4f}",
         "per-class F1: " + "  ".join(f"{c} {f:.3f}" for c, f in zip(classes, metrics["per_class_f1"])),

@@ -95,6 +95,7 @@ class MAETask:
                 "image_size": data.image_size,
                 "num_frames": data.num_frames,
                 "frame_stride": data.frame_stride,
+                "channels": data.channels,
                 "mean": list(data.mean),
                 "std": list(data.std),
             },
