@@ -3,9 +3,13 @@
 Every classifier in ``affectray.models`` starts from :func:`create_backbone`: a
 timm model built with ``num_classes=0`` so its forward returns globally pooled
 features ``[B, D]``. Nothing is ever downloaded (``pretrained=False`` always);
-pretrained weights come from a local file, loaded non-strictly with the
-missing/unexpected keys logged, so an ImageNet or face-pretrained checkpoint
-with a different head still fits.
+pretrained weights come from a local file, loaded strictly: every tensor of the
+model must be in the file with its shape, and the file may hold nothing else but
+the classifier head a pooled backbone lacks (an ImageNet or face-pretrained
+checkpoint still fits). ``strict=False`` loads only the tensors that fit and
+says how many. :func:`compare_state_dict` is the one comparison of a state dict
+with a model, and :func:`apply_state_dict` the one loader, for every loading
+path (``weights_path``, fine-tuning's ``init``, the pretrained video encoder).
 
 :func:`split_backbone` cuts a CNN after its k-th feature stage into a shared
 base and a tail, for the ESR ensemble (``ensembles.py``).
@@ -15,20 +19,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import timm
 import torch
 import torch.nn as nn
 
 from affectray.errors import AffectrayError
+from affectray.models.registry import ModelError
 
 __all__ = [
     "BackboneError",
+    "WeightsFit",
+    "WeightsMismatchError",
+    "apply_state_dict",
     "centred_input",
+    "compare_state_dict",
     "create_backbone",
     "frame_features",
     "load_weights",
+    "load_weights_file",
     "split_backbone",
 ]
 
@@ -44,12 +55,17 @@ class BackboneError(AffectrayError, ValueError):
     """A backbone that cannot be built, split, or loaded from the given weights file."""
 
 
+class WeightsMismatchError(BackboneError, ModelError):
+    """Weights whose keys or shapes do not fit the model they are loaded into (names the keys)."""
+
+
 def create_backbone(
     name: str,
     *,
     in_chans: int = 3,
     img_size: int | None = None,
     weights_path: str | os.PathLike | None = None,
+    weights_strict: bool = True,
     drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, int]:
     """A timm model that maps images [B, in_chans, H, W] to pooled features [B, D]; returns (model, D).
@@ -57,7 +73,8 @@ def create_backbone(
     Args:
         img_size: input size for models with a fixed token grid (ViT, Swin, ...);
             CNNs take any size and ignore it.
-        weights_path: optional local ``.safetensors`` / ``.pth`` file, loaded with strict=False.
+        weights_path: optional local ``.safetensors`` / ``.pth`` file (see :func:`load_weights`).
+        weights_strict: False loads only the file's tensors that fit (a backbone-only transfer).
         drop_path_rate: stochastic depth, for models that support it.
     """
     kwargs: dict = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
@@ -67,7 +84,7 @@ def create_backbone(
         kwargs["img_size"] = img_size
     model = _timm_create(name, kwargs)
     if weights_path is not None:
-        load_weights(model, weights_path)
+        load_weights(model, weights_path, strict=weights_strict)
     return model, int(model.num_features)
 
 
@@ -149,45 +166,151 @@ def _strip_prefixes(state: dict[str, torch.Tensor], own_keys: set[str]) -> dict[
         state = best
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Load a local weights file into ``model`` non-strictly; returns (missing, unexpected) keys.
+_SHOWN = 5  # keys named per kind in an error or a log line
 
-    Raises BackboneError when the file is missing, no key matches, or a matching
-    key has another shape (a different architecture, not a different head).
+
+@dataclass
+class WeightsFit:
+    """How a state dict fits a model: what loads, and what is missing, left over or mis-shaped."""
+
+    loaded: list[str]  # same name and shape: these load
+    missing: list[str]  # the model's tensors the state dict lacks
+    unexpected: list[str]  # the state dict's tensors the model lacks
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (key, its shape, the model's shape)
+    total: int  # the model's tensor count
+    given: int  # the state dict's tensor count
+    spare: list[str] = field(default_factory=list)  # left over, but allowed: a pooled backbone's absent head
+
+    @property
+    def exact(self) -> bool:
+        """Every tensor of the model loads and nothing else is left over (the spare head aside)."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self) -> str:
+        """``12 missing: a, b, ... (+7 more); 1 with another shape: k (3, 4) vs model's (4, 4)``."""
+
+        def names(keys: Sequence[str]) -> str:
+            more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+            return ", ".join(keys[:_SHOWN]) + more
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} of the model's {self.total} tensors missing: {names(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (not in the model): {names(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} {tuple(got)} vs model's {tuple(want)}" for k, got, want in self.mismatched]
+            parts.append(f"{len(self.mismatched)} with another shape: {names(shapes)}")
+        return "; ".join(parts)
+
+
+def compare_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> WeightsFit:
+    """Compare ``state`` with ``model``'s own state dict, key by key and shape by shape.
+
+    A pooled timm backbone (built with ``num_classes=0``) lacks its classifier by
+    construction: the file's keys under that classifier are ``spare``, not unexpected.
     """
+    own = model.state_dict()
+    head = _absent_classifier(model)
+    loaded, mismatched, unexpected, spare = [], [], [], []
+    for key in sorted(state):
+        if key in own:
+            if tuple(own[key].shape) == tuple(state[key].shape):
+                loaded.append(key)
+            else:
+                mismatched.append((key, tuple(state[key].shape), tuple(own[key].shape)))
+        elif any(key.startswith(f"{h}.") for h in head):
+            spare.append(key)
+        else:
+            unexpected.append(key)
+    missing = sorted(k for k in own if k not in state)
+    return WeightsFit(loaded, missing, unexpected, mismatched, total=len(own), given=len(state), spare=spare)
+
+
+def _absent_classifier(model: nn.Module) -> tuple[str, ...]:
+    # timm names its classifier in pretrained_cfg ("fc", "head", "head.fc", ("head", "head_dist")).
+    if getattr(model, "num_classes", None) != 0:
+        return ()
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not name:
+        return ()
+    return (name,) if isinstance(name, str) else tuple(name)
+
+
+def apply_state_dict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    strict: bool = True,
+    opt_out: str | None = None,
+) -> WeightsFit:
+    """Load ``state`` into ``model``: all of it (strict), or only the tensors that fit; returns the fit.
+
+    Raises WeightsMismatchError when nothing fits, or when ``strict`` and any key is
+    missing, unexpected or mis-shaped; the message names them (the first few of each
+    kind, with counts) and ``opt_out``, the setting that allows a partial load.
+    """
+    fit = compare_state_dict(model, state)
+    target = type(model).__name__
+    if not fit.loaded:
+        own = sorted(model.state_dict())
+        raise WeightsMismatchError(
+            f"{source} does not fit {target}: none of its {fit.given} keys fits "
+            f"(it has e.g. {sorted(state)[:3]}, the model has e.g. {own[:3]}; another project's key layout?)"
+            + (f": {fit.problems()}" if fit.mismatched else "")
+        )
+    if strict and not fit.exact:
+        hint = f" To load only what fits ({len(fit.loaded)} of {fit.total} tensors), set {opt_out}." if opt_out else ""
+        raise WeightsMismatchError(f"{source} does not fit {target} (strict loading): {fit.problems()}.{hint}")
+    model.load_state_dict({k: state[k] for k in fit.loaded}, strict=False)
+    if fit.exact:
+        log.info("loaded all %d tensors of %s from %s", fit.total, target, source)
+    else:
+        log.warning(
+            "loaded %d of %d tensors of %s from %s (not strict; the rest keep their initialisation): %s",
+            len(fit.loaded),
+            fit.total,
+            target,
+            source,
+            fit.problems(),
+        )
+    if fit.spare:
+        log.info(
+            "%s: left out the %d classifier tensors the pooled %s lacks: %s", source, len(fit.spare), target, fit.spare
+        )
+    return fit
+
+
+def read_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A local weights file's tensors, wrapper prefixes (``module.``, ...) off where they hide the model's keys."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BackboneError(f"weights file not found: {path}")
-    own = model.state_dict()
-    state = _strip_prefixes(read_state_dict(path), set(own))
-    matched = own.keys() & state.keys()
-    if not matched:
-        raise BackboneError(
-            f"{path}: none of its {len(state)} keys fits {type(model).__name__} "
-            f"(file has e.g. {sorted(state)[:3]}, model has e.g. {sorted(own)[:3]})"
-        )
-    bad = sorted(k for k in matched if own[k].shape != state[k].shape)
-    if bad:
-        k = bad[0]
-        raise BackboneError(
-            f"{path}: {len(bad)} tensors have another shape than the model's, "
-            f"e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        )
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    log.info(
-        "loaded %d tensors from %s into %s; missing %d %s; unexpected %d %s",
-        len(matched),
-        path,
-        type(model).__name__,
-        len(missing),
-        missing[:5],
-        len(unexpected),
-        unexpected[:5],
+    return _strip_prefixes(read_state_dict(path), set(model.state_dict()))
+
+
+def load_weights_file(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, opt_out: str | None = "weights_strict: false"
+) -> WeightsFit:
+    """:func:`apply_state_dict` of a local ``.safetensors`` / ``.pth`` file; returns the fit."""
+    return apply_state_dict(
+        model, read_weights_file(model, path), source=os.fspath(path), strict=strict, opt_out=opt_out
     )
-    if missing:
-        log.warning("%s: %d model tensors not in the file (kept at init), e.g. %s", path, len(missing), missing[:5])
-    return missing, unexpected
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, opt_out: str | None = "weights_strict: false"
+) -> tuple[list[str], list[str]]:
+    """Load a local weights file into ``model``; returns (missing, unexpected) keys (a spare head is unexpected).
+
+    Strict by default (see :func:`apply_state_dict`): a missing, unexpected or
+    mis-shaped key is a WeightsMismatchError, except the classifier head of a
+    pooled timm backbone. ``strict=False`` loads the tensors that fit; a file of
+    which nothing fits is refused either way. BackboneError when the file is missing.
+    """
+    fit = load_weights_file(model, path, strict=strict, opt_out=opt_out)
+    return fit.missing, sorted(fit.unexpected + fit.spare)
 
 
 # ---------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class FrameClassifierConfig:
     drop_rate: float = 0.0  # dropout on the pooled features, before the head
     drop_path_rate: float = 0.0
     weights_path: str | None = None  # local backbone weights, used at construction only
+    weights_strict: bool = True  # False: load only the file's tensors that fit the backbone
 
 
 class FrameClassifier(ClassifierMixin, nn.Module):
@@ -82,7 +83,11 @@ class FrameClassifier(ClassifierMixin, nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.backbone, self.num_features = create_backbone(
-            cfg.backbone, img_size=cfg.img_size, weights_path=cfg.weights_path, drop_path_rate=cfg.drop_path_rate
+            cfg.backbone,
+            img_size=cfg.img_size,
+            weights_path=cfg.weights_path,
+            weights_strict=cfg.weights_strict,
+            drop_path_rate=cfg.drop_path_rate,
         )
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes)
@@ -92,8 +97,8 @@ class FrameClassifier(ClassifierMixin, nn.Module):
         return {"logits": self.head(self.head_drop(feats)), "features": feats}  # [B, C], [B, D]
 
     def describe(self) -> dict[str, Any]:
-        # weights_path is dropped: a checkpoint carries the trained weights itself.
-        return describe_config(self.registry_name, self.cfg, weights_path=None)
+        # weights_path (and how strictly it loaded) is dropped: a checkpoint carries the trained weights itself.
+        return describe_config(self.registry_name, self.cfg, weights_path=None, weights_strict=True)
 
 
 @register_model("frame")
@@ -133,7 +138,11 @@ class SmoothPredictingClassifier(ClassifierMixin, nn.Module):
         self.num_classes = cfg.num_classes
         self.window = cfg.window
         self.backbone, d = create_backbone(
-            cfg.backbone, img_size=cfg.img_size, weights_path=cfg.weights_path, drop_path_rate=cfg.drop_path_rate
+            cfg.backbone,
+            img_size=cfg.img_size,
+            weights_path=cfg.weights_path,
+            weights_strict=cfg.weights_strict,
+            drop_path_rate=cfg.drop_path_rate,
         )
         self.num_features = d
         # Attention pooling scores each frame; mean pooling has no parameters.
@@ -171,7 +180,7 @@ class SmoothPredictingClassifier(ClassifierMixin, nn.Module):
         return {"logits": self.head(self.head_drop(fused)), "features": fused}  # [B, C]
 
     def describe(self) -> dict[str, Any]:
-        return describe_config(self.registry_name, self.cfg, weights_path=None)
+        return describe_config(self.registry_name, self.cfg, weights_path=None, weights_strict=True)
 
 
 @register_model("cfc_sp")

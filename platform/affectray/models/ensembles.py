@@ -39,6 +39,7 @@ class ESRConfig:
     drop_rate: float = 0.0
     diversity_weight: float = 0.1  # weight of diversity_loss in ESR.loss (finetune's loss.diversity_weight sets it)
     weights_path: str | None = None  # local CNN weights: base and every branch start from them
+    weights_strict: bool = True  # False: load only the file's tensors that fit the CNN
 
     def __post_init__(self) -> None:
         if self.num_branches < 1:
@@ -79,7 +80,7 @@ class ESR(ClassifierMixin, nn.Module):
             # A fresh CNN per branch: independent random inits are what make the branches differ.
             cnn, d = create_backbone(cfg.backbone, img_size=cfg.img_size)
             if cfg.weights_path is not None:
-                load_weights(cnn, cfg.weights_path)
+                load_weights(cnn, cfg.weights_path, strict=cfg.weights_strict)
             base, tail = split_backbone(cnn, cfg.shared_stages, check_size=check)
             if i == 0:
                 self.base = base
@@ -111,7 +112,7 @@ class ESR(ClassifierMixin, nn.Module):
         return loss, {}
 
     def describe(self) -> dict[str, Any]:
-        return describe_config(self.registry_name, self.cfg, weights_path=None)
+        return describe_config(self.registry_name, self.cfg, weights_path=None, weights_strict=True)
 
 
 def diversity_loss(branch_outputs: torch.Tensor) -> torch.Tensor:

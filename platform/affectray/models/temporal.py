@@ -52,7 +52,7 @@ class _WindowModel(ClassifierMixin, nn.Module):
         return centre_frame(self(x)["logits"])  # [B, T, C] -> [B, C]
 
     def describe(self) -> dict[str, Any]:
-        return describe_config(self.registry_name, self.cfg, weights_path=None)
+        return describe_config(self.registry_name, self.cfg, weights_path=None, weights_strict=True)
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +72,7 @@ class CNNGRUConfig:
     dropout: float = 0.1  # between GRU layers and before the head
     drop_path_rate: float = 0.0
     weights_path: str | None = None
+    weights_strict: bool = True  # False: load only the file's tensors that fit the backbone
 
 
 class CNNGRU(_WindowModel):
@@ -85,7 +86,11 @@ class CNNGRU(_WindowModel):
         self.num_classes = cfg.num_classes
         self.window = cfg.window
         self.backbone, d = create_backbone(
-            cfg.backbone, img_size=cfg.img_size, weights_path=cfg.weights_path, drop_path_rate=cfg.drop_path_rate
+            cfg.backbone,
+            img_size=cfg.img_size,
+            weights_path=cfg.weights_path,
+            weights_strict=cfg.weights_strict,
+            drop_path_rate=cfg.drop_path_rate,
         )
         self.gru = nn.GRU(
             d, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
@@ -134,6 +139,7 @@ class CNNTransformerConfig:
     dropout: float = 0.1
     drop_path_rate: float = 0.0  # of the backbone
     weights_path: str | None = None
+    weights_strict: bool = True  # False: load only the file's tensors that fit the backbone
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads or self.embed_dim % 2:
@@ -153,7 +159,11 @@ class CNNTransformer(_WindowModel):
         self.num_classes = cfg.num_classes
         self.window = cfg.window
         self.backbone, d = create_backbone(
-            cfg.backbone, img_size=cfg.img_size, weights_path=cfg.weights_path, drop_path_rate=cfg.drop_path_rate
+            cfg.backbone,
+            img_size=cfg.img_size,
+            weights_path=cfg.weights_path,
+            weights_strict=cfg.weights_strict,
+            drop_path_rate=cfg.drop_path_rate,
         )
         self.proj = nn.Linear(d, cfg.embed_dim)
         layer = nn.TransformerEncoderLayer(

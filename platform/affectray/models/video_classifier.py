@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from affectray.models.backbones import read_state_dict
+from affectray.models.backbones import apply_state_dict, read_state_dict
 from affectray.models.heads import ClassifierMixin
 from affectray.models.lgi_former import MAE_DFER_SIZES, MAEDFER, LGIFormerEncoder
 from affectray.models.mae import VIDEO_MAE_SIZES, VideoMAE, VideoMAEConfig, VideoViTEncoder
@@ -34,29 +34,23 @@ def find_encoder(model: nn.Module) -> nn.Module:
     raise ModelError(f"{type(model).__name__} holds no VideoViTEncoder / LGIFormerEncoder to load into")
 
 
-def load_encoder_from_pretrain(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+def load_encoder_from_pretrain(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "pretrained encoder"
+) -> nn.Module:
     """Copy a pretraining checkpoint's encoder weights into ``model``'s encoder; returns that encoder.
 
     ``model`` is an encoder or any module holding one (a classifier). ``state_dict``
     is a whole pretraining model's (keys ``encoder.*``, optionally under DDP's
-    ``module.``) or :meth:`VideoMAE.encoder_state_dict`. Every encoder key must be
-    present with the same shape (a size or family mismatch is an error, not a
-    silent partial load).
+    ``module.``) or :meth:`VideoMAE.encoder_state_dict`. A backbone-only transfer by
+    definition (the head keeps its initialisation), strict on the encoder: every
+    encoder key must be present with the same shape (a size or family mismatch is
+    a WeightsMismatchError naming the keys, not a silent partial load).
     """
     encoder = find_encoder(model)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     if any(k.startswith("encoder.") for k in state):
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ModelError(
-            f"pretrained encoder does not fit {type(encoder).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
-        )
-    encoder.load_state_dict(state, strict=True)
+    apply_state_dict(encoder, state, source=source, strict=True)
     return encoder
 
 
@@ -142,7 +136,7 @@ class VideoEncoderClassifier(ClassifierMixin, nn.Module):
         trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning: start from near-uniform predictions
         nn.init.zeros_(self.head.bias)
         if cfg.weights_path is not None:
-            load_encoder_from_pretrain(self, read_state_dict(cfg.weights_path))
+            load_encoder_from_pretrain(self, read_state_dict(cfg.weights_path), source=cfg.weights_path)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         videos = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]

@@ -88,8 +88,13 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Start from: a checkpoint of this platform (pretraining: the video encoder; a classifier:
-    # every weight whose shape fits) or a local .safetensors/.pth file; null = random init.
+    # its weights) or a local .safetensors/.pth file; null = random init.
     init: str | None = location(None)
+    # Every tensor of the model must come from init, with its shape, and init hold no other
+    # (a key or shape that differs is an error naming it). False: a backbone-only transfer,
+    # only the tensors that fit load (the log and summary say how many). A pretraining
+    # checkpoint always transfers its encoder alone, all of it.
+    init_strict: bool = True
     layer_decay: float | None = None  # layer-wise lr decay for ViT encoders (MAE-DFER uses 0.75)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=20))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, epochs=10, checkpoint_every=500))
@@ -198,29 +203,36 @@ def class_weights(config: FinetuneConfig, model=None) -> list[float] | None:
     return weights.round(6).tolist()
 
 
-def initialise(model, uri: str) -> None:
-    """Load starting weights into a fresh model (see FinetuneConfig.init)."""
+def initialise(model, uri: str, strict: bool = True) -> dict[str, Any]:
+    """Load starting weights into a fresh model (see FinetuneConfig.init and init_strict).
+
+    Returns what the job summary records: ``{"uri", "kind", "loaded", "of", "strict"}``,
+    ``loaded`` of the model's ``of`` tensors. Raises WeightsMismatchError (a user error
+    naming the keys) when ``strict`` and the weights do not fit exactly, and whenever
+    nothing fits.
+    """
     from affectray import storage
+    from affectray.models.backbones import apply_state_dict, load_weights_file
 
-    is_checkpoint = storage.exists(storage.join(uri, ckpt.META_FILE))
-    if not is_checkpoint:
-        from affectray.models.backbones import load_weights
+    total = len(model.state_dict())
+    if not storage.exists(storage.join(uri, ckpt.META_FILE)):
+        fit = load_weights_file(model, uri, strict=strict, opt_out="init_strict: false")
+        kind = "file"
+    else:
+        with ckpt.open_checkpoint(uri) as directory:
+            meta = ckpt.read_meta(directory)
+            state = ckpt.load_weights(directory)
+        if meta.get("kind") == "pretrain":
+            from affectray.models.video_classifier import load_encoder_from_pretrain
 
-        load_weights(model, uri)
-        return
-    with ckpt.open_checkpoint(uri) as directory:
-        meta = ckpt.read_meta(directory)
-        state = ckpt.load_weights(directory)
-    if meta.get("kind") == "pretrain":
-        from affectray.models.video_classifier import load_encoder_from_pretrain
-
-        load_encoder_from_pretrain(model, state)
-        logger.info("initialised the video encoder from pretraining checkpoint %s", uri)
-        return
-    own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    logger.info("initialised %d of %d tensors from %s (others differ in shape or name)", len(fitting), len(own), uri)
+            encoder = load_encoder_from_pretrain(model, state, source=uri)  # the encoder, all of it, or an error
+            loaded = len(encoder.state_dict())
+            logger.info("initialised the video encoder, %d of the model's %d tensors, from %s", loaded, total, uri)
+            return {"uri": uri, "kind": "pretrain", "loaded": loaded, "of": total, "strict": "encoder"}
+        fit = apply_state_dict(model, state, source=uri, strict=strict, opt_out="init_strict: false")
+        kind = "checkpoint"
+    logger.info("initialised %d of %d tensors from %s (init_strict: %s)", len(fit.loaded), total, uri, strict)
+    return {"uri": uri, "kind": kind, "loaded": len(fit.loaded), "of": total, "strict": strict}
 
 
 # --------------------------------------------------------------------------- the task
@@ -249,7 +261,7 @@ class ClassifierTask:
     def build_model(self):
         model = create_model_from_description(self.description)
         if self.config.init:
-            initialise(model, self.config.init)
+            initialise(model, self.config.init, self.config.init_strict)
         # Checkpoints describe the model as built, not as configured: describe() leaves out
         # construction-time weight files (driver-local paths a label actor could not open);
         # the checkpoint carries the trained weights itself.
@@ -362,6 +374,8 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     manifest = shards.read_manifest(config.data.root)
     probe = create_model_from_description(description)  # fails here, on the driver, for a bad model config
     check_geometry(probe, config.data)
+    # Init weights that do not fit fail here too; the summary records how many tensors loaded.
+    init = initialise(probe, config.init, config.init_strict) if config.init else None
     num_params = sum(p.numel() for p in probe.parameters())
     weights = class_weights(config, probe)
     del probe
@@ -402,6 +416,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
         "last_loss": last.get("loss"),
         "resumed_from_step": last.get("resumed_from_step", 0),
         "class_weights": weights,
+        "init": init,
         "best_step": best["step"],
         "metric": config.eval.metric,
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},
