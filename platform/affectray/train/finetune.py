@@ -337,6 +337,7 @@ class ClassifierTask:
                 "image_size": data.image_size,
                 "num_frames": data.num_frames if data.mode == "clip" else 1,
                 "frame_stride": data.frame_stride,
+                "channels": data.channels,
                 "mean": list(data.mean),
                 "std": list(data.std),
             },
