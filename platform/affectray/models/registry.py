@@ -73,6 +73,7 @@ _PROVIDERS: dict[str, str] = {
     "weighted_ensemble": "affectray.models.temporal",
     "esr": "affectray.models.ensembles",
     "video_encoder_classifier": "affectray.models.video_classifier",
+    "fer_minixception": "affectray.models.minixception",
 }
 
 
