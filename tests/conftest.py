@@ -115,3 +115,72 @@ def sample_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_corpus")
     write_sample_corpus(root, SynthConfig(seed=0))
     return root
+
+
+FER2013 = SHARED_DATA / "fer2013"
+
+
+def fer2013_members(split: str = "publictest", every: int = 1) -> list[str]:
+    """Names of FER2013 images in ``split``'s tar, sorted; every ``every``-th of each class."""
+    import tarfile
+
+    with tarfile.open(FER2013 / f"{split}.tar") as tar:
+        names = sorted(n for n in tar.getnames() if n.endswith(".jpg"))
+    by_class: dict[str, list[str]] = {}
+    for name in names:
+        by_class.setdefault(name.split("/")[1], []).append(name)
+    return [n for members in by_class.values() for n in members[::every]]
+
+
+def unpack_fer2013(target: Path, members: list[str], split: str = "publictest") -> Path:
+    """Unpack ``members`` of FER2013's ``split`` tar under ``target``; returns target/<split>."""
+    import tarfile
+
+    if not (FER2013 / f"{split}.tar").exists():
+        pytest.fail(f"missing test data {FER2013 / split}.tar: the shared/ folder must sit beside the repo")
+    with tarfile.open(FER2013 / f"{split}.tar") as tar:
+        wanted = set(members)
+        tar.extractall(target, members=[m for m in tar.getmembers() if m.name in wanted], filter="data")
+    return target / split
+
+
+# One clear face per class: MTCNN finds each of them once the 48 px image is enlarged.
+GROUP_FER_FACES = {
+    "Happiness": "publictest/happy/PublicTest_10130075.jpg",
+    "Surprise": "publictest/surprise/PublicTest_10709121.jpg",
+    "Anger": "publictest/angry/PublicTest_10116449.jpg",
+    "Neutral": "publictest/neutral/PublicTest_10262886.jpg",
+}
+
+
+@pytest.fixture(scope="session")
+def group_photo(tmp_path_factory, real_video) -> tuple[Path, list[tuple[int, int, int, int]]]:
+    """A group photo of six real people: (JPEG path, the six tiles' x1, y1, x2, y2).
+
+    No licensed group photo ships with the data, so it is a 3 x 2 montage of real faces on
+    grey: the astronaut (scikit-image), a frame of the real video, and four FER2013 faces.
+    """
+    import av
+    import cv2
+    import numpy as np
+    from skimage import data
+
+    tmp = tmp_path_factory.mktemp("group")
+    fer = unpack_fer2013(tmp, list(GROUP_FER_FACES.values()))
+    with av.open(str(real_video)) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="bgr24")
+    faces = [
+        cv2.cvtColor(data.astronaut()[20:276, 96:352], cv2.COLOR_RGB2BGR),  # her face and shoulders
+        frame[:, 140:500],
+        *[cv2.imread(str(fer.parent / name)) for name in GROUP_FER_FACES.values()],
+    ]
+    tile, pad = 200, 20
+    canvas = np.full((2 * (tile + 2 * pad), 3 * (tile + 2 * pad), 3), 128, np.uint8)
+    tiles = []
+    for k, face in enumerate(faces):
+        x, y = (k % 3) * (tile + 2 * pad) + pad, (k // 3) * (tile + 2 * pad) + pad
+        canvas[y : y + tile, x : x + tile] = cv2.resize(face, (tile, tile), interpolation=cv2.INTER_CUBIC)
+        tiles.append((x, y, x + tile, y + tile))
+    path = tmp / "group.jpg"
+    cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return path, tiles

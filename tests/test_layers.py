@@ -24,7 +24,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("ingest", "report"),
     ("sample",),
     ("train", "combine"),
-    ("label", "tune"),
+    ("label", "tune", "predict"),
     ("demo", "cli"),
 ]
 FLOOR = {area: level for level, areas in enumerate(FLOORS) for area in areas}

@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "cascade": ("affectray.combine.cascade", "join coarse and negative CFC-SP checkpoints into one 8-class model"),
     "ensemble": ("affectray.combine.ensemble", "join fine-tuned classifiers into one weighted ensemble (ABAW2021)"),
     "evaluate": ("affectray.train.evaluation", "score a classifier checkpoint on shards: macro F1, accuracy, UAR, WAR"),
+    "predict": ("affectray.predict", "find and label every face in a few images or videos, at once (no Ray)"),
     "label": ("affectray.label.job", "label whole video corpora with a classifier checkpoint (one Parquet per video)"),
     "tune": ("affectray.tune", "sweep fine-tuning hyperparameters with Ray Tune + Optuna (TPE) + ASHA, resumable"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),

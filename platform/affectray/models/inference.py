@@ -36,15 +36,11 @@ import numpy as np
 import torch
 
 from affectray import checkpoints as ckpt
+from affectray.data.loaders import normalise_pixels
 
 __all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model", "track_windows"]
 
 BUILTIN_PREFIX = "builtin:"
-
-# ITU-R BT.601 luma in 15-bit fixed point, rounded, as OpenCV's RGB2GRAY computes it for
-# uint8 (0.299 R + 0.587 G + 0.114 B): equal to cv2.cvtColor on every one of the 2^24 colours.
-_GRAY_WEIGHTS = (9798, 19235, 3735)
-_GRAY_SHIFT = 15
 
 
 @dataclass(frozen=True)
@@ -127,17 +123,8 @@ class Classifier:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 RGB [..., H, W, 3] → normalised float [..., C, H, W] on the device (C: the checkpoint's channels)."""
-        x = x.to(self.device, non_blocking=True)
-        channels = self.preprocessing.channels
-        if channels == 1:  # gray as cv2.cvtColor(RGB2GRAY) makes it, integer for integer
-            weights = torch.tensor(_GRAY_WEIGHTS, dtype=torch.int32, device=self.device)
-            gray = ((x.to(torch.int32) * weights).sum(-1) + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
-            x = gray.unsqueeze(-3).float()  # [..., 1, H, W]
-        else:
-            x = x.movedim(-1, -3).float()
-        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(-1, 1, 1) * 255.0
-        std = torch.tensor(self.preprocessing.std, device=self.device).view(-1, 1, 1) * 255.0
-        return (x - mean) / std
+        pre = self.preprocessing
+        return normalise_pixels(x.to(self.device, non_blocking=True), pre.mean, pre.std, pre.channels)
 
     @torch.inference_mode()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
