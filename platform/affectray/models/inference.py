@@ -28,7 +28,6 @@ first/last frame), so labeling and evaluation see the same inputs.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,59 +35,12 @@ import numpy as np
 import torch
 
 from affectray import checkpoints as ckpt
+from affectray.checkpoints import Preprocessing
 from affectray.data.loaders import normalise_pixels
 
 __all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model", "track_windows"]
 
 BUILTIN_PREFIX = "builtin:"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a classifier's input looks like, as fine-tuning fed it."""
-
-    mode: str = "frame"  # "frame": one image per sample; "clip": a window of frames
-    image_size: int = 224
-    num_frames: int = 1
-    frame_stride: int = 1
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per channel, on a 0..1 scale
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    channels: int = 3  # 3: RGB; 1: grayscale (RGB faces are converted as cv2's RGB2GRAY does)
-    crop: str = "aligned"  # "aligned": 5-point-aligned faces; "box": the detector's box grown by box_margin
-    box_margin: float = 0.0  # "box" crops: the square box's side times (1 + box_margin) (faces.align.square_boxes)
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ckpt.CheckpointError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) not in (1, self.channels):
-                raise ckpt.CheckpointError(
-                    f"preprocessing.{name} has {len(getattr(self, name))} values for {self.channels} channel(s)"
-                )
-        if self.crop not in ("aligned", "box"):
-            raise ckpt.CheckpointError(f"preprocessing.crop must be 'aligned' or 'box', got {self.crop!r}")
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
-        p = dict(meta.get("preprocessing") or {})
-        mode = p.get("mode", "clip" if int(p.get("num_frames", 1)) > 1 else "frame")
-        return cls(
-            mode=mode,
-            image_size=int(p.get("image_size", 224)),
-            num_frames=int(p.get("num_frames", 1)) if mode == "clip" else 1,
-            frame_stride=int(p.get("frame_stride", 1)),
-            mean=tuple(float(v) for v in p.get("mean", cls.mean)),
-            std=tuple(float(v) for v in p.get("std", cls.std)),
-            channels=int(p.get("channels", 3)),
-            crop=str(p.get("crop", "aligned")),
-            box_margin=float(p.get("box_margin", 0.0)),
-        )
-
-    @property
-    def input_layout(self) -> str:
-        """The model's input tensor, e.g. "B,1,64,64" or "B,16,3,224,224"."""
-        frames = f"{self.num_frames}," if self.mode == "clip" else ""
-        return f"B,{frames}{self.channels},{self.image_size},{self.image_size}"
 
 
 def track_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:

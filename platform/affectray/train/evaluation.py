@@ -157,8 +157,9 @@ def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig,
     When ``root`` is the shard root the run validated on, the same selection (the
     held-out videos or the split); otherwise every row of ``root``.
     """
+    from affectray.checkpoints import Preprocessing
     from affectray.config import config_from_dict
-    from affectray.models.inference import Preprocessing
+    from affectray.data.loaders import data_config_for
 
     validation = meta.get("validation") or {}
     if validation.get("data"):
@@ -166,12 +167,7 @@ def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig,
         if data.root.rstrip("/") == root.rstrip("/"):
             return data, bool(validation.get("holdout"))
         return dataclasses.replace(data, root=root, split=None, val_fraction=0.0), False
-    pre = Preprocessing.from_meta(meta)
-    data = DataConfig(
-        root=root, mode="clip" if pre.mode == "clip" else "frame", num_frames=pre.num_frames,
-        frame_stride=pre.frame_stride, image_size=pre.image_size, channels=pre.channels, mean=pre.mean, std=pre.std,
-        label="center",
-    )  # fmt: skip
+    data = data_config_for(Preprocessing.from_meta(meta), root)
     return data, False
 
 

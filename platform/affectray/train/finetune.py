@@ -36,7 +36,7 @@ import torch
 
 from affectray import checkpoints as ckpt
 from affectray.config import ConfigError, location
-from affectray.data.loaders import DataConfig
+from affectray.data.loaders import DataConfig, preprocessing_of
 from affectray.models.registry import ModelConfig, create_model_from_description, model_info
 from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
 
@@ -332,15 +332,7 @@ class ClassifierTask:
             "model": self.built_description,
             "label_set": CLASS_VIEWS[self.config.class_view].to_dict(),
             "class_view": self.config.class_view,
-            "preprocessing": {
-                "mode": data.mode,
-                "image_size": data.image_size,
-                "num_frames": data.num_frames if data.mode == "clip" else 1,
-                "frame_stride": data.frame_stride,
-                "channels": data.channels,
-                "mean": list(data.mean),
-                "std": list(data.std),
-            },
+            "preprocessing": preprocessing_of(data).to_dict(),
             # What validation read, so `affectray evaluate` can score the same frames again.
             "validation": {
                 "data": config_to_dict(val_data),

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from affectray.data.loaders import DataConfig
+from affectray.data.loaders import DataConfig, preprocessing_of
 from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
 
 
@@ -91,14 +91,7 @@ class MAETask:
         return {
             "kind": "pretrain",
             "model": {"family": self.config.model.name, "size": self.config.model.size, "kwargs": self.model_kwargs()},
-            "preprocessing": {
-                "image_size": data.image_size,
-                "num_frames": data.num_frames,
-                "frame_stride": data.frame_stride,
-                "channels": data.channels,
-                "mean": list(data.mean),
-                "std": list(data.std),
-            },
+            "preprocessing": preprocessing_of(data).to_dict(),
             "config": config_to_dict(self.config),
             "data_manifest": {k: self.manifest.get(k) for k in ("dataset", "source", "counts", "image_size")},
         }
