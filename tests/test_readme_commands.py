@@ -8,6 +8,7 @@ PATH (as after `source .venv/bin/activate`):
   shards into demo-output/shards/sample: the one ingested corpus every later command reads),
   the finetune and tune smoke commands the same way, each on a local Ray of its own;
 - `affectray synth sample/` and `affectray label` on its videos with the fine-tuned checkpoint;
+- `affectray predict` on one of its videos with the built-in model (no Ray);
 - `ray job submit --working-dir . -- python jobs/...` for pretrain and finetune against a
   single-node `ray start --head` with token auth, whose relative data and output locations
   resolve under $AFFECTRAY_HOME (set on the head), so what the job writes outlives Ray's
@@ -52,6 +53,8 @@ SUBMIT_FINETUNE = "ray job submit --working-dir . -- python jobs/finetune.py --c
 # README "Label a corpus": the sample corpus's videos, labelled with the fine-tune smoke run's checkpoint.
 SYNTH = "affectray synth sample/"
 LABEL = "affectray label sample/videos demo-output/labels --checkpoint demo-output/runs/finetune-smoke/best_checkpoint"
+# README "Real faces": the built-in model on a sample video, no Ray.
+PREDICT = "affectray predict sample/videos/astronaut_000.mp4 --out predictions/ --json"
 
 # Summary keys that name an output (besides any value that is an absolute local path).
 OUTPUT_KEYS = {"checkpoint", "best_checkpoint", "best_config", "manifest", "out", "report", "run", "sweep"}
@@ -230,7 +233,12 @@ def label_run(checkout, finetune_run) -> Run:
     return _run("label", LABEL, checkout, _env())
 
 
-@pytest.mark.parametrize("command", [PRETRAIN, FINETUNE, TUNE, SUBMIT_PRETRAIN, SUBMIT_FINETUNE, SYNTH, LABEL])
+@pytest.fixture(scope="module")
+def predict_run(checkout, label_run) -> Run:
+    return _run("predict", PREDICT, checkout, _env())
+
+
+@pytest.mark.parametrize("command", [PRETRAIN, FINETUNE, TUNE, SUBMIT_PRETRAIN, SUBMIT_FINETUNE, SYNTH, LABEL, PREDICT])
 def test_the_commands_are_the_readmes(command):
     """What runs here is what the README tells users to type, character for character."""
     readme_lines = {line.split("#")[0].strip() for line in (REPO_ROOT / "README.md").read_text().splitlines()}
@@ -265,6 +273,14 @@ def test_label_sample_videos(label_run, checkout):
     assert Path(summary["out"]) == checkout / "demo-output" / "labels"
     assert summary["ok"] >= 1 and summary["frames"] > 0
     assert list((checkout / "demo-output" / "labels" / "labels").glob("*.parquet")), "one Parquet per video"
+
+
+def test_predict_with_the_builtin_model(predict_run, checkout):
+    summary = check_run(predict_run, "inputs")
+    assert summary["job"] == "predict" and summary["model"] == "builtin:fer-minixception"
+    (video,) = summary["inputs"]
+    assert video["frames"] > 0 and len(video["faces"]) == video["frames"]  # the astronaut, on every sampled frame
+    assert Path(video["annotated"]) == checkout / "predictions" / "astronaut_000.annotated.mp4"
 
 
 # ---------------------------------------------------------------------------
