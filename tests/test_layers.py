@@ -21,7 +21,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("checkpoints", "faces"),
     ("data",),
     ("models",),
-    ("ingest", "report"),
+    ("ingest", "report", "importers"),
     ("sample",),
     ("train", "combine"),
     ("label", "tune", "predict"),

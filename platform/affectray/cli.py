@@ -29,6 +29,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "tune": ("affectray.tune", "sweep fine-tuning hyperparameters with Ray Tune + Optuna (TPE) + ASHA, resumable"),
     "demo": ("affectray.demo", "run the platform end to end on a local Ray with the sample corpus"),
     "models": ("affectray.models.builtin", "list the built-in pretrained models (builtin:<name>) and model families"),
+    "import-checkpoint": (
+        "affectray.importers.job",
+        "turn a published model (HSEmotion) into a classifier checkpoint; its pickle is read, never run",
+    ),
 }
 
 
