@@ -555,8 +555,9 @@ def test_label_defaults_live_in_one_place():
     assert f"(default {LabelConfig.detect_every};" in " ".join(help_text.format_help().split())
 
 
-def test_label_unknown_set_key_and_missing_checkpoint_name_the_key(label_yaml, tmp_path):
+def test_label_unknown_set_key_is_named_and_no_checkpoint_means_the_builtin(label_yaml, tmp_path):
     with pytest.raises(ConfigError, match="unknown key: min_face_sise.*did you mean min_face_size"):
         job.config_from_args(_label_args("--config", label_yaml, "--set", "min_face_sise=40"))
-    with pytest.raises(ConfigError, match="missing required value: checkpoint"):
-        job.config_from_args(_label_args(str(tmp_path), str(tmp_path / "out")))
+    # No checkpoint given: the built-in model labels.
+    config = job.config_from_args(_label_args(str(tmp_path), str(tmp_path / "out")))
+    assert config.checkpoint == job.DEFAULT_CHECKPOINT == "builtin:fer-minixception"
