@@ -99,6 +99,19 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+SAMPLE_SHARDS_SIZE = 32  # px: the drawn faces at the size the training tests use
+
+
+@pytest.fixture(scope="session")
+def sample_shards(ray_session, tmp_path_factory) -> str:
+    """The sample corpus ingested once for the whole run (32 px): training tests read it, never write it."""
+    from affectray.sample.shards import ensure_sample_shards
+
+    root = str(tmp_path_factory.mktemp("sample_shards") / "shards")
+    assert ensure_sample_shards(root, image_size=SAMPLE_SHARDS_SIZE)
+    return root
+
+
 @pytest.fixture(scope="session")
 def real_video() -> Path:
     """The real face video from ../shared/data/real (72 frames, one face each)."""

@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SAMPLE_SHARDS_SIZE
 
 from affectray import checkpoints as ckpt
-from affectray import storage
 from affectray.combine.cascade import combine_cascade
 from affectray.config import ConfigError, load_config
 from affectray.data.loaders import build_dataset, iter_train_batches
 from affectray.models.ensembles import diversity_loss
 from affectray.models.inference import load_classifier
 from affectray.models.registry import ModelConfig, create_model, create_model_from_description
-from affectray.sample.shards import ensure_sample_shards
 from affectray.train import evaluation
 from affectray.train.finetune import (
     ClassifierTask,
@@ -39,14 +37,12 @@ from affectray.train.finetune import (
 )
 
 SMOKE = REPO_ROOT / "jobs" / "configs" / "finetune-smoke.yaml"
-SIZE = 32
+SIZE = SAMPLE_SHARDS_SIZE  # the shared sample shards
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session, tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("finetune") / "shards")
-    assert ensure_sample_shards(root, image_size=SIZE)
-    return root
+def shards(sample_shards) -> str:
+    return sample_shards
 
 
 def smoke_config(shards: str, runs: Path, *overrides: str) -> FinetuneConfig:
@@ -249,27 +245,13 @@ def test_init_from_a_pretraining_checkpoint_loads_the_encoder(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(shards, tmp_path_factory):
+    """The smoke config, shortened: a run with a best checkpoint and its validation record.
+
+    (That the full smoke config learns, on identities it never saw, is checked where the
+    README's own finetune command runs: tests/test_readme_commands.py.)
+    """
     runs = tmp_path_factory.mktemp("runs")
-    # 12 epochs, not the config's 6: at 32 px, 6 gave held-out macro F1 0.20-0.34 from run to run
-    # (the order samples arrive in is not reproducible, see loaders.py), 12 gave 0.48.
-    return run_finetune(smoke_config(shards, runs, "train.epochs=12")), runs
-
-
-def test_smoke_run_beats_chance_on_unseen_identities(smoke_run):
-    summary, runs = smoke_run
-    assert summary["num_classes"] == 8 and summary["classes"][0] == "Neutral"
-    assert summary["steps"] == summary["planned_steps"] > 0
-    assert summary["last_loss"] < summary["first_loss"]
-    # Chance macro F1 on 8 classes is 1/8; held-out videos are identities never seen in training.
-    assert summary["metrics"]["f1_macro"] > 2 / 8, summary["metrics"]
-    confusion = np.array(summary["metrics"]["confusion"])
-    assert confusion.shape == (8, 8) and confusion.sum() == summary["metrics"]["count"]
-    # The run's files: the best checkpoint, a metrics CSV with one row per report, the confusion PNG.
-    csv = storage.read_text(summary["metrics_csv"]).splitlines()
-    assert csv[0].startswith("loss,") and "val_f1_macro" in csv[0] and len(csv) > 2
-    assert storage.read_bytes(summary["confusion_png"])[:4] == b"\x89PNG"
-    best_f1 = max(float(row.split(",")[csv[0].split(",").index("val_f1_macro")] or 0) for row in csv[1:])
-    assert summary["metrics"]["f1_macro"] == pytest.approx(best_f1)
+    return run_finetune(smoke_config(shards, runs, "train.epochs=2")), runs
 
 
 def test_evaluate_agrees_with_the_runs_validation(smoke_run, shards):

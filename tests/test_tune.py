@@ -1,36 +1,29 @@
 """Sweeps: Optuna + ASHA over the finetune loop, errored trials reported, best config trains,
-and a sweep whose driver is killed resumes to exactly num_samples trials."""
+a second start without --resume refused. (A sweep whose driver is killed resumes to exactly
+num_samples trials: tests/test_readme_commands.py, with the README's tune commands.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SAMPLE_SHARDS_SIZE
 
 from affectray import storage
 from affectray.config import ConfigError, load_config
-from affectray.sample.shards import ensure_sample_shards
+from affectray.errors import JobError
 from affectray.train.finetune import FinetuneConfig, run_finetune
 from affectray.tune import TuneConfig, run_tune, search_space
 
 pytestmark = pytest.mark.slow
 
-SIZE = 32
+SIZE = SAMPLE_SHARDS_SIZE  # the shared sample shards
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session, tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("tune") / "shards")
-    ensure_sample_shards(root, image_size=SIZE)
-    return root
+def shards(sample_shards) -> str:
+    return sample_shards
 
 
 def write_sweep(tmp_path: Path, shards: str, name: str, space: dict, num_samples: int, **search) -> Path:
@@ -97,52 +90,7 @@ def test_sweep_reports_errored_trials_and_its_best_config_trains(shards, tmp_pat
     assert best.optim.lr == pytest.approx(summary["best_params"]["optim.lr"])
     trained = run_finetune(best)
     assert trained["steps"] == 6 and trained["num_classes"] == 8
-
-
-def _terminated_trials(sweep_dir: Path) -> int:
-    """Trials the experiment state on disk records as finished."""
-    count = 0
-    for state in sweep_dir.glob("experiment_state-*.json"):
-        try:
-            data = json.loads(state.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue  # being rewritten
-        # Each trial is a list whose first item is the trial's own JSON document.
-        statuses = [json.loads(trial[0]).get("status") for trial in data.get("trial_data", [])]
-        count = max(count, statuses.count("TERMINATED"))
-    return count
-
-
-def test_a_killed_sweep_resumes_to_exactly_num_samples(shards, tmp_path):
-    space = {"optim.lr": {"loguniform": [1.0e-3, 1.0e-2]}}
-    path = write_sweep(tmp_path, shards, "killed", space, num_samples=3, max_concurrent_trials=1)
-    sweep_dir = tmp_path / "sweeps" / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    # Its own Ray: killing the whole process group takes the driver and that Ray down together.
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "jobs" / "tune.py"), "--config", str(path)],
-        cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 600
-        while _terminated_trials(sweep_dir) < 1:
-            assert driver.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no trial finished within 10 minutes"
-            time.sleep(2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finished_before = _terminated_trials(sweep_dir)
-    assert 1 <= finished_before < 3
-    summary = run_tune(load_config(TuneConfig, path), resume=True)
-    assert summary["trials"] == 3 and summary["finished"] == 3 and summary["errored"] == 0
-    table = storage.read_text(summary["results_csv"]).splitlines()
-    ids = [row.split(",")[0] for row in table[1:]]
-    assert len(ids) == len(set(ids)) == 3  # no trial counted twice
     # Starting it again without --resume is refused instead of silently mixing two sweeps.
-    from affectray.errors import JobError
-
+    # (A sweep killed midway and resumed: test_readme_commands, with the README's own commands.)
     with pytest.raises(JobError, match="--resume"):
-        run_tune(load_config(TuneConfig, path))
+        run_tune(config)
