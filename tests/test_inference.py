@@ -11,8 +11,9 @@ import torch
 
 from affectray import storage
 from affectray.checkpoints import CheckpointError, save_checkpoint
+from affectray.data.loaders import centred_windows
 from affectray.labels import ABAW8
-from affectray.models.inference import load_classifier, track_windows
+from affectray.models.inference import load_classifier
 from affectray.models.registry import create_model
 
 S = 32
@@ -80,10 +81,10 @@ def test_faces_of_another_size_are_resized_to_the_checkpoints(tmp_path):
     np.testing.assert_allclose(classifier.predict_track(big), classifier.predict_track(small), atol=1e-6)
 
 
-def test_track_windows_are_centred_strided_and_clamped():
-    np.testing.assert_array_equal(track_windows(5, 3, 2), [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]])
-    np.testing.assert_array_equal(track_windows(1, 4, 1), [[0, 0, 0, 0]])
-    assert track_windows(0, 3, 1).shape == (0, 3)
+def test_centred_windows_are_centred_strided_and_clamped():
+    np.testing.assert_array_equal(centred_windows(5, 3, 2), [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]])
+    np.testing.assert_array_equal(centred_windows(1, 4, 1), [[0, 0, 0, 0]])
+    assert centred_windows(0, 3, 1).shape == (0, 3)
 
 
 def test_window_model_sees_the_window_centred_on_each_frame(tmp_path):

@@ -212,6 +212,18 @@ def select_segments(batch: pa.Table, *, split: str | None, val_fraction: float, 
 # --------------------------------------------------------------------------- windows
 
 
+def centred_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:
+    """The window centred on every frame of a sequence: [length, num_frames] int64 positions.
+
+    Offsets run ``frame_stride`` apart around the centre (position num_frames // 2) and
+    clamp at the sequence's ends (the first / last frame repeats). Dense evaluation over a
+    segment and labelling along a face track both take their windows from here.
+    """
+    offsets = np.arange(num_frames, dtype=np.int64) * frame_stride
+    offsets -= offsets[num_frames // 2]
+    return np.clip(np.arange(length, dtype=np.int64)[:, None] + offsets, 0, max(length - 1, 0))
+
+
 def window_positions(
     length: int, labels: np.ndarray | None, cfg: DataConfig, *, train: bool, rng: np.random.Generator | None
 ) -> np.ndarray:
@@ -232,10 +244,8 @@ def window_positions(
     offsets = np.arange(cfg.num_frames, dtype=np.int64) * cfg.frame_stride
     if cfg.mode == "frame":
         windows = np.arange(length, dtype=np.int64)[:, None]
-    elif cfg.clips_per_segment == 0:
-        # Dense: every frame is a centre; edges clamp to the segment.
-        centres = np.arange(length, dtype=np.int64)
-        windows = np.clip(centres[:, None] + offsets - offsets[cfg.num_frames // 2], 0, length - 1)
+    elif cfg.clips_per_segment == 0:  # dense: every frame is a centre; edges clamp to the segment
+        windows = centred_windows(length, cfg.num_frames, cfg.frame_stride)
     else:
         starts = np.arange(max(length - cfg.span, 0) + 1, dtype=np.int64)
         windows = np.minimum(starts[:, None] + offsets, length - 1)

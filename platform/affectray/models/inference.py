@@ -36,22 +36,11 @@ import torch
 
 from affectray import checkpoints as ckpt
 from affectray.checkpoints import Preprocessing
-from affectray.data.loaders import normalise_pixels
+from affectray.data.loaders import centred_windows, normalise_pixels
 
-__all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model", "track_windows"]
+__all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model"]
 
 BUILTIN_PREFIX = "builtin:"
-
-
-def track_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarray:
-    """Positions of the window centred on every frame of a track: [length, num_frames] int64.
-
-    Offsets run ``frame_stride`` apart around the centre (position num_frames // 2)
-    and clamp at the track's ends, as the loader's dense evaluation windows do.
-    """
-    offsets = np.arange(num_frames, dtype=np.int64) * frame_stride
-    offsets -= offsets[num_frames // 2]
-    return np.clip(np.arange(length, dtype=np.int64)[:, None] + offsets, 0, max(length - 1, 0))
 
 
 class Classifier:
@@ -99,7 +88,7 @@ class Classifier:
         pixels = torch.from_numpy(np.ascontiguousarray(faces))
         windows = None
         if self.preprocessing.mode == "clip":
-            windows = track_windows(n, self.preprocessing.num_frames, self.preprocessing.frame_stride)
+            windows = centred_windows(n, self.preprocessing.num_frames, self.preprocessing.frame_stride)
         out = []
         for start in range(0, n, batch_size):
             if windows is None:
