@@ -116,14 +116,15 @@ class LabelConfig:
 
 def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Label every video ``config.videos`` lists into ``config.out``; returns the job summary."""
-    from affectray.models.inference import load_classifier
+    from affectray.models.inference import inspect_classifier
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray tasks and actors run in directories of their own
     listing = list_inputs(config.videos, config.layout)
-    classifier = load_classifier(config.checkpoint)  # fails in seconds on a bad checkpoint, before Ray starts
-    classes, model_id, prep = tuple(classifier.classes), classifier.model_id, classifier.preprocessing
-    del classifier
+    # The checkpoint's classes, preprocessing and weights hash: a bad URI fails in a second, before
+    # Ray starts; the model itself is built only in the actors that classify.
+    info = inspect_classifier(config.checkpoint)
+    classes, model_id, prep = info.classes, info.model_id, info.preprocessing
     _check_job(config, model_id, classes)
     finished = set() if config.overwrite else _finished(config.out, listing.videos, config.retry_failed)
     todo = [v for v in listing.videos if v.key not in finished]

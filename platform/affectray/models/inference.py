@@ -28,6 +28,7 @@ first/last frame), so labeling and evaluation see the same inputs.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from affectray import checkpoints as ckpt
 from affectray.checkpoints import Preprocessing
 from affectray.data.loaders import centred_windows, normalise_pixels
 
-__all__ = ["Classifier", "Preprocessing", "load_classifier", "load_model"]
+__all__ = ["Classifier", "ClassifierInfo", "Preprocessing", "inspect_classifier", "load_classifier", "load_model"]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -117,6 +118,51 @@ def weights_digest(directory: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """What a classifier checkpoint says about itself, read without building its model."""
+
+    meta: dict[str, Any]
+    model_id: str  # the weights' hash
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+
+
+def _checkpoint_location(uri: str) -> str:
+    """Where ``uri``'s checkpoint lies: itself, or a built-in's converted copy (converted once, then cached)."""
+    location = str(uri)
+    if location.startswith(BUILTIN_PREFIX):
+        from affectray.models.builtin import builtin_checkpoint
+
+        location = str(builtin_checkpoint(location[len(BUILTIN_PREFIX) :]))
+    return location
+
+
+def _classifier_meta(uri: str, directory: Path) -> dict[str, Any]:
+    meta = ckpt.read_meta(directory)
+    if meta.get("kind") != "classifier":
+        raise ckpt.CheckpointError(
+            f"{uri!r} is a {meta.get('kind', 'unknown')!r} checkpoint, not a classifier: "
+            "fine-tune it first (affectray finetune), then label with the fine-tuned checkpoint"
+        )
+    return meta
+
+
+def inspect_classifier(uri: str) -> ClassifierInfo:
+    """The classifier checkpoint at ``uri``'s classes, preprocessing and model id, without building it.
+
+    What a job's driver needs (its actors load the model): a wrong URI or a checkpoint that is
+    not a classifier fails here, in a second.
+    """
+    with ckpt.open_checkpoint(_checkpoint_location(uri)) as directory:
+        meta = _classifier_meta(uri, directory)
+        model_id = weights_digest(directory)
+    classes = tuple((meta.get("label_set") or {}).get("classes") or ())
+    if not classes:
+        raise ckpt.CheckpointError(f"{uri!r}: its meta.json names no classes (label_set.classes)")
+    return ClassifierInfo(meta, model_id, classes, Preprocessing.from_meta(meta))
+
+
 def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
     """The classifier checkpoint at ``uri`` (local, s3:// or ``builtin:<name>``), ready to predict.
 
@@ -125,18 +171,8 @@ def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
     """
     from affectray.models.registry import ModelError, create_model_from_description
 
-    location = str(uri)
-    if location.startswith(BUILTIN_PREFIX):
-        from affectray.models.builtin import builtin_checkpoint
-
-        location = str(builtin_checkpoint(location[len(BUILTIN_PREFIX) :]))  # converted once, then cached
-    with ckpt.open_checkpoint(location) as directory:
-        meta = ckpt.read_meta(directory)
-        if meta.get("kind") != "classifier":
-            raise ckpt.CheckpointError(
-                f"{uri!r} is a {meta.get('kind', 'unknown')!r} checkpoint, not a classifier: "
-                "fine-tune it first (affectray finetune), then label with the fine-tuned checkpoint"
-            )
+    with ckpt.open_checkpoint(_checkpoint_location(uri)) as directory:
+        meta = _classifier_meta(uri, directory)
         try:
             model = create_model_from_description(meta["model"])
         except (KeyError, ModelError, TypeError) as error:
