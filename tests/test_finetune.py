@@ -118,8 +118,8 @@ def test_each_family_learns_a_batch_through_the_task(family, shards, tmp_path):
 def task_batches(task: ClassifierTask, ds):
     """What the loop's ``task.batches`` yields on a worker, read from a Dataset here."""
     data = task.config.data
-    for inputs, targets in iter_train_batches(ds, data, task.config.train.batch_size, 0, "cpu"):
-        yield evaluation.model_inputs(inputs, data), evaluation.view_targets(targets, task.config.class_view)
+    for inputs, targets in iter_train_batches(ds, data, task.config.train.batch_size, 0, "cpu", clip_layout="BTCHW"):
+        yield inputs, evaluation.view_targets(targets, task.config.class_view)
 
 
 def test_config_mistakes_name_the_setting(shards, tmp_path):

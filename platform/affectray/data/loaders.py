@@ -683,14 +683,23 @@ def _resolve_device(device: Any) -> torch.device:
         return torch.device("cpu")
 
 
+ClipLayout = Literal["BCTHW", "BTCHW"]
+
+
 def to_model_input(
-    batch: dict[str, Any], cfg: DataConfig, device: Any = None, dtype: torch.dtype | None = None
+    batch: dict[str, Any],
+    cfg: DataConfig,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    *,
+    clip_layout: ClipLayout = "BCTHW",
 ) -> torch.Tensor:
     """uint8 samples → normalised float input on ``device``.
 
-    Clip mode: ``video`` [B, T, H, W, 3] → [B, C, T, H, W] (VideoMAE's layout); frame mode:
-    ``image`` [B, H, W, 3] → [B, C, H, W]. The conversion runs where the tensor lives after
-    the move, i.e. on the GPU when there is one. ``dtype`` defaults to float32.
+    Clip mode: ``video`` [B, T, H, W, 3] → [B, C, T, H, W] (``clip_layout`` "BCTHW": the
+    video MAEs' layout) or [B, T, C, H, W] ("BTCHW": windows of frames, as the classifiers
+    take them); frame mode: ``image`` [B, H, W, 3] → [B, C, H, W]. The conversion runs where
+    the tensor lives after the move, i.e. on the GPU when there is one. ``dtype`` defaults to float32.
     """
     import torch
 
@@ -698,7 +707,7 @@ def to_model_input(
     dtype = dtype or torch.float32
     key = "video" if cfg.mode == "clip" else "image"
     x = normalise_pixels(batch[key].to(device, non_blocking=True), cfg.mean, cfg.std, cfg.channels)
-    if cfg.mode == "clip":
+    if cfg.mode == "clip" and clip_layout == "BCTHW":
         x = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]
     return x.to(dtype).contiguous()
 
@@ -737,9 +746,18 @@ def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> to
 
 
 def iter_train_batches(
-    shard: Any, cfg: DataConfig, batch_size: int, epoch: int, device: Any = None, dtype: torch.dtype | None = None
+    shard: Any,
+    cfg: DataConfig,
+    batch_size: int,
+    epoch: int,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    *,
+    clip_layout: ClipLayout = "BCTHW",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """One training epoch over a dataset shard: (inputs, targets or None) per full batch.
+
+    Inputs are laid out as :func:`to_model_input` makes them (``clip_layout`` for clips).
 
     ``shard`` is what ``ray.train.get_dataset_shard("train")`` returns (or a Dataset).
     Rows are mixed by a local shuffle buffer seeded with ``cfg.seed + epoch``; the last
@@ -758,11 +776,17 @@ def iter_train_batches(
         prefetch_batches=2,
     )
     for batch in batches:
-        yield to_model_input(batch, cfg, device, dtype), _targets(batch, cfg, device)
+        yield to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout), _targets(batch, cfg, device)
 
 
 def iter_eval_batches(
-    ds: Any, cfg: DataConfig, batch_size: int, device: Any = None, dtype: torch.dtype | None = None
+    ds: Any,
+    cfg: DataConfig,
+    batch_size: int,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    *,
+    clip_layout: ClipLayout = "BCTHW",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
     """Every evaluation sample once, in arrival order: (inputs, targets or None, meta).
 
@@ -779,4 +803,5 @@ def iter_eval_batches(
     )
     for batch in batches:
         meta = {"video_id": batch["video_id"], "frame_index": batch["frame_index"]}
-        yield to_model_input(batch, cfg, device, dtype), _targets(batch, cfg, device), meta
+        inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)
+        yield inputs, _targets(batch, cfg, device), meta

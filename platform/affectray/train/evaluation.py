@@ -18,7 +18,7 @@ import numpy as np
 from affectray.data.loaders import DataConfig
 from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, remap, to_coarse, to_negative
 
-__all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "model_inputs", "view_targets"]
+__all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "view_targets"]
 
 # class_view -> the label set a model of that view predicts. Shards carry ABAW8 labels.
 CLASS_VIEWS: dict[str, LabelSet] = {"abaw8": ABAW8, "coarse": CFC_COARSE, "negative": CFC_NEGATIVE}
@@ -65,11 +65,6 @@ def eval_data_config(data: DataConfig) -> DataConfig:
     )
 
 
-def model_inputs(inputs, data: DataConfig):
-    """Loader layout → model layout: clips [B, C, T, H, W] become windows [B, T, C, H, W]."""
-    return inputs.transpose(1, 2) if data.mode == "clip" else inputs
-
-
 @dataclasses.dataclass
 class EvalResult:
     metrics: dict[str, Any]  # expression_metrics(...), plus the class names
@@ -109,10 +104,10 @@ def evaluate_model(
     probs, targets, ids, frames = [], [], [], []
     with torch.inference_mode():
         for inputs, y, meta in iter_eval_batches(
-            build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device
+            build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device, clip_layout="BTCHW"
         ):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                outputs = model(model_inputs(inputs, cfg))
+                outputs = model(inputs)  # clips as windows of frames [B, T, C, H, W]
             probs.append(model.probabilities(outputs).cpu().numpy())
             targets.append(view_targets(y, class_view).cpu().numpy())
             ids += list(meta["video_id"])

@@ -280,11 +280,12 @@ class ClassifierTask:
     # -- data
     def batches(self, shard, epoch: int, device):
         from affectray.data.loaders import iter_train_batches
-        from affectray.train.evaluation import model_inputs, view_targets
+        from affectray.train.evaluation import view_targets
 
-        data = self.config.data
-        for inputs, targets in iter_train_batches(shard, data, self.config.train.batch_size, epoch, device):
-            yield model_inputs(inputs, data), view_targets(targets, self.config.class_view)
+        data, batch_size = self.config.data, self.config.train.batch_size
+        # Classifiers take clips as windows of frames [B, T, C, H, W], straight from the loader.
+        for inputs, targets in iter_train_batches(shard, data, batch_size, epoch, device, clip_layout="BTCHW"):
+            yield inputs, view_targets(targets, self.config.class_view)
 
     def batch_size_of(self, batch) -> int:
         return int(batch[0].shape[0])
