@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from affectray import checkpoints as ckpt
+from affectray.config import config_from_dict, config_to_dict, resolve_location
+from affectray.data.loaders import DataConfig
+from affectray.labels import ABAW8
+
 __all__ = ["combine_cascade", "joint_preprocessing", "load_member", "write_composite"]
 
 
 def load_member(uri: str, *, class_view: str | None = None):
     """(model with its trained weights, meta) of a classifier checkpoint to join into a composite."""
-    from affectray import checkpoints as ckpt
     from affectray.models.registry import create_model_from_description
 
     with ckpt.open_checkpoint(uri) as directory:
@@ -41,7 +45,6 @@ def joint_preprocessing(metas: list[dict[str, Any]], window: int) -> dict[str, A
     (``centred_input``), so frame and window members combine when their image size,
     normalisation and (for windows) frame stride agree.
     """
-    from affectray import checkpoints as ckpt
 
     pres = [m["preprocessing"] for m in metas]
     for key in ("image_size", "mean", "std"):
@@ -61,10 +64,6 @@ def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri
     """Save a composite of trained members as a self-describing 8-class-or-whatever checkpoint."""
     import dataclasses
     import tempfile
-
-    from affectray import checkpoints as ckpt
-    from affectray.config import config_from_dict, config_to_dict
-    from affectray.data.loaders import DataConfig
 
     preprocessing = joint_preprocessing(metas, getattr(model, "window", 1))
     validation = dict(metas[0].get("validation") or {})
@@ -96,7 +95,6 @@ def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri
 
 
 def _abaw8() -> dict[str, Any]:
-    from affectray.labels import ABAW8
 
     return ABAW8.to_dict()
 
@@ -118,6 +116,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.config import resolve_location
 
     return combine_cascade(*(resolve_location(uri) for uri in (args.coarse, args.negative, args.out)))

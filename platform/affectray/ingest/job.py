@@ -35,8 +35,14 @@ from affectray import storage
 from affectray.config import location, resolve_locations
 from affectray.data import shards
 from affectray.errors import JobError
-from affectray.faces.detect import LazyDetector
+from affectray.faces.detect import LazyDetector, detect_and_align
+from affectray.faces.jpeg import decode_jpeg, encode_jpeg
+from affectray.faces.tracking import IoUTracker, select_tracks
+from affectray.faces.video import VideoDecodeError, iter_frames
+from affectray.ingest.annotations import find_annotations, frame_labels, read_annotation
 from affectray.ingest.sources import LAYOUTS, WorkUnit, list_units
+from affectray.labels import ABAW8, LabelError, dataset_label_to_abaw
+from affectray.runtime import add_config_job_arguments, init_ray, job_config, run_config_job
 
 logger = logging.getLogger("affectray.ingest")
 
@@ -144,10 +150,6 @@ class UnitProcessor:
     # -- videos: decode → detect → align → track → segments -------------------------------
 
     def _read_video(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
-        from affectray.faces.detect import detect_and_align
-        from affectray.faces.jpeg import encode_jpeg
-        from affectray.faces.tracking import IoUTracker, select_tracks
-        from affectray.faces.video import VideoDecodeError, iter_frames
 
         cfg = self.config
         result = UnitResult(unit.key, unit.source, "ok")
@@ -214,7 +216,6 @@ class UnitProcessor:
         return result, segments
 
     def _load_image(self, uri: str) -> tuple[bytes | None, str]:
-        from affectray.faces.jpeg import decode_jpeg, encode_jpeg
 
         size = self.config.image_size
         try:
@@ -232,13 +233,11 @@ class UnitProcessor:
     # -- shared ------------------------------------------------------------------------
 
     def _annotation(self, unit: WorkUnit) -> tuple[str, np.ndarray] | None:
-        from affectray.ingest.annotations import read_annotation
 
         uri = self.annotation_uris.get(unit.key)
         return None if uri is None else read_annotation(uri)
 
     def _segments(self, unit, track_id, frames, pts, images, annotation, scores) -> list[shards.Segment]:
-        from affectray.ingest.annotations import frame_labels
 
         cfg = self.config
         kind, values = annotation if annotation else ("expr", None)
@@ -270,9 +269,6 @@ class UnitProcessor:
 def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     """Ingest ``config.source`` into shards under ``config.out``; returns the job summary."""
     import ray
-
-    from affectray.ingest.annotations import find_annotations
-    from affectray.runtime import init_ray
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray actors run in directories of their own
@@ -340,7 +336,6 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
 
 def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
     """Aggregate every unit's outcome (from OUT/_done/) into the shard manifest."""
-    from affectray.labels import ABAW8
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         results = list(pool.map(lambda u: storage.read_json(shards.done_uri(config.out, u.key)), listing.units))
@@ -389,7 +384,6 @@ def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
 
 def _index_map(dataset: str) -> str | None:
     """The dataset's name if it has a published class numbering (numbered class folders)."""
-    from affectray.labels import LabelError, dataset_label_to_abaw
 
     try:
         dataset_label_to_abaw(dataset, -1)
@@ -409,7 +403,6 @@ def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
 
 
 def _label_counts(segments: list[shards.Segment]) -> dict[str, int]:
-    from affectray.labels import ABAW8
 
     counts = Counter()
     for seg in segments:
@@ -433,7 +426,6 @@ def _reason(error: BaseException) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.runtime import add_config_job_arguments
 
     add_config_job_arguments(parser)
     # Flags are shorthand for config fields: dest is the field, and a flag left out is absent
@@ -466,13 +458,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
     """IngestConfig from --config, --set and the flags (``add_arguments``); local paths made absolute."""
-    from affectray.runtime import job_config
 
     return job_config(IngestConfig, args)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.runtime import run_config_job
 
     # run_ingest connects to Ray itself, after listing SOURCE: a bad SOURCE fails in a second.
     return run_config_job(IngestConfig, args, run_ingest, connect_first=False)

@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from affectray.data.loaders import DataConfig
+from affectray.checkpoints import Preprocessing
+from affectray.config import config_from_dict, resolve_location
+from affectray.data.loaders import DataConfig, build_dataset, data_config_for, iter_eval_batches
 from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, remap, to_coarse, to_negative
+from affectray.metrics import expression_metrics
+from affectray.runtime import init_ray
 
 __all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "view_targets"]
 
@@ -92,8 +96,6 @@ def evaluate_model(
     """
     import torch
 
-    from affectray.data.loaders import build_dataset, iter_eval_batches
-    from affectray.metrics import expression_metrics
     from affectray.models.cascade import smooth_predictions
 
     cfg = eval_data_config(data)
@@ -152,9 +154,6 @@ def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig,
     When ``root`` is the shard root the run validated on, the same selection (the
     held-out videos or the split); otherwise every row of ``root``.
     """
-    from affectray.checkpoints import Preprocessing
-    from affectray.config import config_from_dict
-    from affectray.data.loaders import data_config_for
 
     validation = meta.get("validation") or {}
     if validation.get("data"):
@@ -181,9 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from affectray.config import resolve_location
     from affectray.models.inference import load_classifier
-    from affectray.runtime import init_ray
 
     # Ray Data's readers run in directories of their own: local paths become absolute here.
     checkpoint, shards_root = resolve_location(args.checkpoint), resolve_location(args.shards)

@@ -35,10 +35,26 @@ import numpy as np
 import torch
 
 from affectray import checkpoints as ckpt
-from affectray.config import ConfigError, location
-from affectray.data.loaders import DataConfig, preprocessing_of
+from affectray import storage
+from affectray.config import ConfigError, config_to_dict, location
+from affectray.data import shards
+from affectray.data.loaders import DataConfig, build_dataset, class_counts, iter_train_batches, preprocessing_of
+from affectray.labels import ABAW8
+from affectray.models.backbones import apply_state_dict, load_weights_file
 from affectray.models.registry import ModelConfig, create_model_from_description, model_info
-from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
+from affectray.runtime import add_config_job_arguments, run_config_job
+from affectray.train.evaluation import CLASS_VIEWS, evaluate_model, view_targets
+from affectray.train.loop import (
+    BEST_CHECKPOINT_DIR,
+    METRICS_FILE,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    fit,
+    param_groups,
+    planned_steps,
+)
+from affectray.train.optim import param_groups_lrd
 
 logger = logging.getLogger("affectray.finetune")
 
@@ -121,7 +137,6 @@ def model_description(config: FinetuneConfig) -> dict[str, Any]:
     class count (the CFC cascade's 8) must be the view's, and a family that
     fine-tuning does not train (the weighted ensemble) is refused here, on the driver.
     """
-    from affectray.train.evaluation import CLASS_VIEWS
 
     name, view = config.model.name, config.class_view
     classes = len(CLASS_VIEWS[view])
@@ -182,9 +197,6 @@ def class_weights(config: FinetuneConfig, model=None) -> list[float] | None:
     weights (``model.class_weighted`` False: the CFC cascade's coarse/negative split is
     its own answer to imbalance).
     """
-    from affectray.data.loaders import class_counts
-    from affectray.labels import ABAW8
-    from affectray.train.evaluation import CLASS_VIEWS, view_targets
 
     if config.loss.class_weights == "none" or (model is not None and not model.class_weighted):
         return None
@@ -211,8 +223,6 @@ def initialise(model, uri: str, strict: bool = True) -> dict[str, Any]:
     naming the keys) when ``strict`` and the weights do not fit exactly, and whenever
     nothing fits.
     """
-    from affectray import storage
-    from affectray.models.backbones import apply_state_dict, load_weights_file
 
     total = len(model.state_dict())
     if not storage.exists(storage.join(uri, ckpt.META_FILE)):
@@ -269,18 +279,13 @@ class ClassifierTask:
         return model
 
     def param_groups(self, model, weight_decay: float):
-        from affectray.train.loop import param_groups
 
         if self.config.layer_decay is not None:
-            from affectray.train.optim import param_groups_lrd
-
             return param_groups_lrd(model, weight_decay, self.config.layer_decay)
         return param_groups(model, weight_decay)
 
     # -- data
     def batches(self, shard, epoch: int, device):
-        from affectray.data.loaders import iter_train_batches
-        from affectray.train.evaluation import view_targets
 
         data, batch_size = self.config.data, self.config.train.batch_size
         # Classifiers take clips as windows of frames [B, T, C, H, W], straight from the loader.
@@ -302,7 +307,6 @@ class ClassifierTask:
 
     # -- evaluation and checkpoints
     def evaluate(self, model, device) -> dict[str, float]:
-        from affectray.train.evaluation import evaluate_model
 
         data, holdout = validation_data(self.config)
         result = evaluate_model(
@@ -321,8 +325,6 @@ class ClassifierTask:
         return metrics.get(f"val_{self.config.eval.metric}")
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        from affectray.config import config_to_dict
-        from affectray.train.evaluation import CLASS_VIEWS
 
         if self.built_description is None:
             raise RuntimeError("checkpoint_meta() before build_model(): a checkpoint describes the model as built")
@@ -355,11 +357,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
 
     ``callbacks``: Ray Train callbacks (a Tune sweep passes its report callback).
     """
-    from affectray import storage
-    from affectray.data import shards
-    from affectray.data.loaders import build_dataset
     from affectray.sample.shards import ensure_sample_shards
-    from affectray.train.loop import BEST_CHECKPOINT_DIR, METRICS_FILE, fit, planned_steps
 
     start = time.perf_counter()
     description = model_description(config)  # before any work: a config mistake fails at once
@@ -426,12 +424,10 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.runtime import add_config_job_arguments
 
     add_config_job_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.runtime import run_config_job
 
     return run_config_job(FinetuneConfig, args, run_finetune)

@@ -16,8 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from affectray.data.loaders import DataConfig, preprocessing_of
-from affectray.train.loop import OptimConfig, RunConfig, TrainConfig
+from affectray.config import config_to_dict
+from affectray.data import shards
+from affectray.data.loaders import DataConfig, build_dataset, iter_train_batches, preprocessing_of
+from affectray.runtime import add_config_job_arguments, run_config_job
+from affectray.train.loop import OptimConfig, RunConfig, TrainConfig, checkpoint_uri, fit, planned_steps
 
 
 def _pretrain_data() -> DataConfig:
@@ -69,7 +72,6 @@ class MAETask:
         return build_pretrain_model(self.config.model.name, self.config.model.size, **self.model_kwargs())
 
     def batches(self, shard, epoch: int, device):
-        from affectray.data.loaders import iter_train_batches
 
         return iter_train_batches(shard, self.config.data, self.config.train.batch_size, epoch, device)
 
@@ -85,7 +87,6 @@ class MAETask:
         return {}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        from affectray.config import config_to_dict
 
         data = self.config.data
         return {
@@ -99,10 +100,7 @@ class MAETask:
 
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train; returns the job summary (steps, first/last loss, checkpoint URI)."""
-    from affectray.data import shards
-    from affectray.data.loaders import build_dataset
     from affectray.sample.shards import ensure_sample_shards
-    from affectray.train.loop import checkpoint_uri, fit, planned_steps
 
     start = time.perf_counter()
     if config.sample_corpus_if_empty:
@@ -138,13 +136,11 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from affectray.runtime import add_config_job_arguments
 
     add_config_job_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from affectray.runtime import run_config_job
 
     return run_config_job(PretrainConfig, args, run_pretrain)
 
