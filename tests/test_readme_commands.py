@@ -249,17 +249,22 @@ class KilledSweep:
 def tune_run(checkout, pretrain_run) -> KilledSweep:
     """The README's sweep, interrupted as a crash would, then the README's --resume command."""
     sweep_dir = checkout / "demo-output" / "sweeps" / "tune-smoke"
+    log = checkout.parent / "tune-killed.log"
     start = time.monotonic()
-    proc = subprocess.Popen(
-        shlex.split(TUNE), cwd=checkout, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        while _terminated_trials(sweep_dir) < 1 and proc.poll() is None and time.monotonic() - start < 900:
-            time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        output, _ = proc.communicate()
+    # Output to a file, not a pipe: nobody reads a pipe while this waits, and a full one blocks
+    # the driver's next write (seen: the sweep stalled mid-trial).
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            shlex.split(TUNE), cwd=checkout, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            while _terminated_trials(sweep_dir) < 1 and proc.poll() is None and time.monotonic() - start < 900:
+                time.sleep(1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            proc.wait()
+    output = log.read_text(errors="replace")
     TIMES["tune (killed)"] = time.monotonic() - start
     killed = Run(command=TUNE, returncode=proc.returncode, output=output, seconds=TIMES["tune (killed)"])
     return KilledSweep(killed, _terminated_trials(sweep_dir), _run("tune resume", TUNE_RESUME, checkout, _env()))
