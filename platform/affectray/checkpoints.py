@@ -15,6 +15,7 @@ any consumer (finetune init, evaluate, label) takes the URI as it is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -162,6 +163,15 @@ def publish(directory: str | os.PathLike, uri: str) -> None:
     storage.remove(storage.join(uri, META_FILE))
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), (directory / WEIGHTS_FILE).read_bytes())
     storage.write_bytes(storage.join(uri, META_FILE), (directory / META_FILE).read_bytes())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a local file, read in 1 MB blocks: weights hashes, source-file provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:

@@ -28,7 +28,6 @@ epsilon are compared with the rebuilt model's, so the two compute the same funct
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -97,14 +96,6 @@ class Variant:
 
 
 VARIANTS = (Variant("b0", (1280, 320), 16, 224), Variant("b2", (1408, 352), 23, 260))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _root_module(obj: Any, source: str) -> Placeholder:
@@ -276,7 +267,7 @@ def convert(
         "source": {
             "format": FORMAT,
             "file": path.name,
-            "sha256": _sha256(path),
+            "sha256": ckpt.file_sha256(path),
             "classes": list(published),  # the publisher's names, in output order
             "pickled_class": root.global_name,
             "architecture": architecture,

@@ -17,7 +17,6 @@ directory. Nothing is downloaded: the weights come from the installed package.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -116,14 +115,6 @@ def source_file(builtin: Builtin) -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _installed_version(builtin: Builtin) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -141,7 +132,7 @@ def cached_checkpoint(name: str) -> Path | None:
     """The converted checkpoint of ``name`` if it is in the cache already (None otherwise, or without its package)."""
     builtin = get_builtin(name)
     try:
-        directory = cache_dir(builtin, _sha256(source_file(builtin)))
+        directory = cache_dir(builtin, ckpt.file_sha256(source_file(builtin)))
     except BuiltinError:
         return None
     return directory if (directory / ckpt.META_FILE).is_file() else None
@@ -186,7 +177,7 @@ def builtin_checkpoint(name: str) -> Path:
     """
     builtin = get_builtin(name)
     source = source_file(builtin)
-    sha256 = _sha256(source)
+    sha256 = ckpt.file_sha256(source)
     target = cache_dir(builtin, sha256)
     if (target / ckpt.META_FILE).is_file():
         return target

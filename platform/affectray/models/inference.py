@@ -27,7 +27,6 @@ first/last frame), so labeling and evaluation see the same inputs.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +110,7 @@ class Classifier:
 
 def weights_digest(directory: str | Path) -> str:
     """sha256 of the weights file, shortened: the model id written next to every label."""
-    digest = hashlib.sha256()
-    with open(Path(directory, ckpt.WEIGHTS_FILE), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return ckpt.file_sha256(Path(directory, ckpt.WEIGHTS_FILE))[:16]
 
 
 @dataclass(frozen=True)
