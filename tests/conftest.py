@@ -78,6 +78,21 @@ def s3_bucket(s3_server):
     yield f"s3://{name}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests, restored after it.
+
+    Tiny models gain nothing from threads, and on a busy 2-core box two threads contend
+    (10x slower, seen). Set per module, never at import: that would change every later test.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """A local Ray instance reused by every test that needs one.

@@ -37,7 +37,7 @@ from affectray.importers.pickles import (
 from affectray.labels import ABAW8, LabelSet, remap
 from affectray.models.inference import load_classifier
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one intra-op thread
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -20,12 +20,7 @@ S = 32
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one intra-op thread
 
 
 def save_classifier(directory, model, *, mode="frame", num_frames=1, frame_stride=1, size=S, classes=ABAW8.classes):

@@ -33,12 +33,7 @@ PUBLICTEST = SHARED_DATA / "fer2013" / "publictest.tar"
 FER_ORDER = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the model's output order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

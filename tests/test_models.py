@@ -53,13 +53,7 @@ TINY: dict[str, dict] = {
 MANY_TO_MANY = {"cnn_gru", "cnn_transformer"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core box two threads contend (10x slower, seen).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one intra-op thread
 
 
 def tiny(name: str, seed: int = 0) -> torch.nn.Module:

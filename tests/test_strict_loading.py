@@ -28,7 +28,7 @@ from affectray.models.registry import ModelConfig, ModelError, create_model
 from affectray.models.video_classifier import build_pretrain_model, load_encoder_from_pretrain
 from affectray.train.finetune import ClassifierTask, FinetuneConfig, initialise, model_description
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one intra-op thread
 
 
 def frame_model(num_classes: int = 8, **kwargs):
