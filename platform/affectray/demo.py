@@ -136,11 +136,12 @@ def main(args: argparse.Namespace) -> None:
 
     photo = out / "astronaut.jpg"
     cv2.imwrite(str(photo), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    from affectray.models.builtin import DEFAULT_CHECKPOINT
     from affectray.models.inference import load_classifier
     from affectray.predict import Predictor, format_table, predict_inputs
 
     (prediction,) = predict_inputs(
-        [str(photo)], Predictor(load_classifier("builtin:fer-minixception")), out=str(out / "predict")
+        [str(photo)], Predictor(load_classifier(DEFAULT_CHECKPOINT)), out=str(out / "predict")
     )
     print(format_table([prediction]))
     outputs["predict_jpg"] = prediction.annotated

