@@ -75,8 +75,11 @@ def n_params(model: torch.nn.Module) -> int:
 def test_every_builtin_model_has_a_tiny_config():
     # A family registered here later must get a tiny config and so every test below.
     # video_encoder_classifier (the video MAE's) is tested with the MAE; fer_minixception (grey
-    # 64 px input, published weights) in test_minixception.
-    assert set(registry._PROVIDERS) - {"video_encoder_classifier", "fer_minixception"} == set(TINY)
+    # 64 px input, published weights) in test_minixception; the seed networks whose layout is
+    # the published one, so never tiny (POSTER V2's 58 M, MA-Net's ResNet-18 trunk), in
+    # test_poster_v2 and test_ma_net.
+    tested_elsewhere = {"video_encoder_classifier", "fer_minixception", "poster_v2", "ma_net"}
+    assert set(registry._PROVIDERS) - tested_elsewhere == set(TINY)
 
 
 # ---------------------------------------------------------------------------

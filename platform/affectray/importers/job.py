@@ -15,6 +15,15 @@ Formats:
                  (enet_b0_8_best_afew.pt, enet_b0_8_best_vgaf.pt, enet_b2_8.pt, enet_b2_7.pt):
                  8 AffectNet classes (Anger, Contempt, Disgust, Fear, Happiness, Neutral,
                  Sadness, Surprise) or 7 (no Contempt), named by ABAW class (Contempt: Other)
+    mae-dfer     MAE-DFER (sunlicai/MAE-DFER) LGI-Former checkpoints, 16 x 160 x 160 clips:
+                 a DFEW / FERV39k fine-tuned model becomes a clip classifier (DFEW's 7 classes
+                 Happiness, Sadness, Neutral, Anger, Surprise, Disgust, Fear; other datasets
+                 need --classes); the VoxCeleb2 pretraining checkpoint becomes a pretraining
+                 checkpoint that finetune takes as init
+    poster-v2    POSTER V2 (zczcwh/POSTER_V2) training checkpoints, 224 px aligned faces
+                 (raf-db-, affectnet-7-, affectnet-8-, caer-s-model_best.pth): RAF-DB's 7 classes,
+                 AffectNet's 7 or 8, CAER-S's 7, in each dataset's ImageFolder order (the file's
+                 name tells the 7-class ones apart, or --classes names them)
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ from typing import Any
 from affectray import storage
 
 # format -> the module whose import_checkpoint(path, out, classes=..., box_margin=...) converts it
-FORMATS: dict[str, str] = {"hsemotion": "affectray.importers.hsemotion"}
+FORMATS: dict[str, str] = {
+    "hsemotion": "affectray.importers.hsemotion",
+    "mae-dfer": "affectray.importers.mae_dfer",
+    "poster-v2": "affectray.importers.poster_v2",
+}
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +58,8 @@ def add_arguments(parser) -> None:
         "--box-margin",
         type=float,
         default=None,
-        help="the face crop's margin written into the checkpoint (default: the format's own, hsemotion 0.0)",
+        help="crop faces as detector boxes with this margin (default: the format's own: hsemotion and mae-dfer "
+        "boxes with margin 0.0, poster-v2 aligned faces)",
     )
 
 

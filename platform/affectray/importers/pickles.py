@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from affectray.checkpoints import CheckpointError
@@ -400,7 +401,62 @@ def _reconstructor(cls, base, state):
     return cls.__new__(cls)
 
 
+# numpy arrays, dtypes and scalars (a training script's recorder of per-epoch losses): rebuilt
+# from their bytes. Only plain numeric, boolean and text dtypes: an object array's items would
+# be arbitrary pickled objects, and a structured dtype a nest of them.
+_NUMPY_KINDS = frozenset("biufcSUV?")
+
+
+def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    # numpy pickles a dtype as dtype(spec, align, copy), then BUILD with its byte order and flags.
+    if not isinstance(spec, str):
+        raise _Refused(f"the pickle builds a numpy dtype from {describe(spec)}")
+    try:
+        dtype = np.dtype(spec)
+    except TypeError as error:
+        raise _Malformed(f"numpy dtype {spec!r}: {error}") from None
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise _Refused(f"the pickle holds a numpy array of dtype {spec!r}; only numeric, bool and text arrays are read")
+    return dtype
+
+
+def _numpy_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b"b"), then BUILD with
+    # (version, shape, dtype, is_fortran, raw bytes): ndarray's own __setstate__, over data only.
+    if getattr(subtype, "global_name", None) not in _NUMPY_NDARRAY_NAMES:
+        raise _Refused(f"the pickle reconstructs {describe(subtype)} as a numpy array")
+    return _CheckedArray(np.ndarray.__new__(np.ndarray, (0,), np.uint8))
+
+
+class _CheckedArray:
+    """An array being rebuilt: BUILD's state is checked (a dtype this reader built, bytes) before numpy reads it."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)):
+            raise _Malformed(f"numpy array state {describe(state)}")
+        if state[2].kind not in _NUMPY_KINDS or not isinstance(state[4], (bytes, bytearray)):
+            raise _Refused("the pickle fills a numpy array with objects, not bytes")
+        self.array.__setstate__(state)
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMPY_KINDS or not isinstance(data, bytes):
+        raise _Refused(f"the pickle builds a numpy scalar from {describe(dtype)} and {describe(data)}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+_NUMPY_NDARRAY_NAMES = {"numpy.ndarray"}
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+
 _REBUILDERS: dict[str, Callable[..., Any]] = {
+    **{f"{module}._reconstruct": _numpy_array for module in _NUMPY_MODULES},
+    **{f"{module}.scalar": _numpy_scalar for module in _NUMPY_MODULES},
+    "numpy.dtype": _numpy_dtype,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -595,6 +651,32 @@ def _read_legacy(path: Path) -> Any:
         return result
 
 
+def _unwrap_arrays(obj: Any, done: dict[int, Any]) -> Any:
+    """``obj`` with every rebuilt numpy array in place of its :class:`_CheckedArray` (containers updated in place)."""
+    if isinstance(obj, _CheckedArray):
+        return obj.array
+    key = id(obj)
+    if key in done:
+        return done[key]
+    if isinstance(obj, list):
+        done[key] = obj
+        obj[:] = [_unwrap_arrays(v, done) for v in obj]
+    elif isinstance(obj, dict):
+        done[key] = obj
+        for k in list(obj):
+            obj[k] = _unwrap_arrays(obj[k], done)
+    elif isinstance(obj, tuple):
+        done[key] = obj  # a tuple that holds itself would recurse: keep it as it is
+        done[key] = type(obj)(_unwrap_arrays(v, done) for v in obj) if type(obj) is tuple else obj
+    elif isinstance(obj, Placeholder):
+        done[key] = obj
+        obj.state = _unwrap_arrays(obj.state, done)
+        obj.args = _unwrap_arrays(obj.args, done)
+        obj.listitems = _unwrap_arrays(obj.listitems, done)
+        obj.dictitems = _unwrap_arrays(obj.dictitems, done)
+    return done.get(key, obj)
+
+
 def read_pickle(path: str | os.PathLike) -> Any:
     """The object a ``torch.save`` file holds, read without importing or running anything it names.
 
@@ -609,10 +691,10 @@ def read_pickle(path: str | os.PathLike) -> Any:
         raise ForeignCheckpointError(f"checkpoint file not found: {path}")
     try:
         if zipfile.is_zipfile(path):
-            return _read_zip(path)
+            return _unwrap_arrays(_read_zip(path), {})
         if tarfile.is_tarfile(path):
             raise ForeignCheckpointError(f"{path}: the tar format of torch < 0.4 is not read")
-        return _read_legacy(path)
+        return _unwrap_arrays(_read_legacy(path), {})
     except _Refused as refusal:
         raise UnsafePickleError(f"{path}: refused: {refusal}; nothing in the file was run") from None
     except ForeignCheckpointError:

@@ -56,6 +56,7 @@ class ModelInfo:
 
     num_classes: int | None = None  # a fixed class count: the family takes no num_classes argument
     finetune: str | None = None  # why `affectray finetune` does not train this family (None: it does)
+    va_head: bool = False  # the family takes va_head=True: a valence/arousal head beside the classes
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -72,8 +73,10 @@ _PROVIDERS: dict[str, str] = {
     "cnn_transformer": "affectray.models.temporal",
     "weighted_ensemble": "affectray.models.temporal",
     "esr": "affectray.models.ensembles",
+    "ma_net": "affectray.models.ma_net",
     "video_encoder_classifier": "affectray.models.video_classifier",
     "fer_minixception": "affectray.models.minixception",
+    "poster_v2": "affectray.models.poster_v2",
 }
 
 
