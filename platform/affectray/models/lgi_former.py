@@ -41,6 +41,19 @@ Versus MAE-DFER's code (``modeling_pretrain.py``, ``engine_for_pretraining.py``)
   ours gathers by index, so any region size that divides the grid works.
 - Layer-wise lr decay puts the region embeddings with the patch embedding
   (layer 0); theirs falls through to the last layer by name.
+- Attention weights: theirs keep q and k/v (or q, k, v) as separate bias-free linears
+  plus a q bias and a v bias (no k bias); ours are timm's fused ``qkv`` with one bias.
+  The two compute the same function (:mod:`affectray.importers.mae_dfer` fuses theirs
+  with a zero k bias), and a k bias changes no attention weight anyway.
+- Their decoder adds the visible positions in (t, h, w) order to the encoder's
+  region-major outputs, so with 2-frame regions and several windows per frame a visible
+  token meets another token's position there; ours gives each its own
+  (``decoder_positions="own"``; ``"sorted"`` is theirs, for their decoder weights).
+- Fine-tuning: their classifier mean-pools the region tokens (DFEW's
+  ``lg_classify_token_type='region'``) or the clip's tokens, then a LayerNorm
+  (``fc_norm``, the encoder's last norm is an identity); ``VideoEncoderClassifier``'s
+  ``pool`` and ``fc_norm`` settings give theirs, :meth:`LGIFormerEncoder.forward_regions`
+  the region tokens.
 """
 
 from __future__ import annotations
@@ -72,6 +85,7 @@ __all__ = [
     "LGIFormerEncoder",
     "region_merge",
     "region_partition",
+    "sorted_restore",
 ]
 
 
@@ -85,6 +99,9 @@ class MAEDFERConfig(VideoMAEConfig):
     region_size: tuple[int, int, int] = (2, 5, 10)  # (rt, rh, rw) tokens per region
     motion_weight: float = 1.0
     region_token_init: str = "mean"  # "mean": region mean + learned embedding; "embed": learned only (MAE-DFER)
+    # Positions the decoder adds to the visible tokens: "own" (each token's); "sorted" (MAE-DFER's code: the
+    # visible positions in (t, h, w) order, given to the encoder's region-major outputs one by one).
+    decoder_positions: str = "own"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +114,8 @@ class MAEDFERConfig(VideoMAEConfig):
             raise ModelError("MAE-DFER's motion target needs tubelet_size >= 2 (frame differences inside a tube)")
         if self.region_token_init not in ("mean", "embed"):
             raise ModelError(f"region_token_init must be 'mean' or 'embed', got {self.region_token_init!r}")
+        if self.decoder_positions not in ("own", "sorted"):
+            raise ModelError(f"decoder_positions must be 'own' or 'sorted', got {self.decoder_positions!r}")
 
     @property
     def num_regions(self) -> int:
@@ -226,11 +245,12 @@ class LGIFormerEncoder(VideoViTEncoder):
         c = self.cfg
         return LGIBlock(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=c.qkv_bias, drop_path=drop_path)
 
-    def forward_features(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, C, T, H, W] -> [B, L, D] in (t, h, w) order, or [B, L_vis, D] in the order of ``ids_keep``.
+    def forward_regions(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, R, 1+S, D] after the last block, before the final norm; index 0 = region token.
 
-        ``ids_keep`` [B, L_vis] must be region-major with the same count per region,
-        as :meth:`MAEDFER.tube_masking` gives.
+        Regions in (nt, nh, nw) order, the S tokens of each in (rt, rh, rw) order, or the
+        visible ones in the order of ``ids_keep`` [B, L_vis], which must be region-major
+        with the same count per region, as :meth:`MAEDFER.tube_masking` gives.
         """
         x = self.embed(videos)  # [B, L, D]
         b, _, d = x.shape
@@ -244,7 +264,12 @@ class LGIFormerEncoder(VideoViTEncoder):
         x = torch.cat([region.unsqueeze(2), x], dim=2)  # [B, R, 1+S, D]
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x[:, :, 1:].reshape(b, -1, d))  # [B, R*S, D], region tokens dropped
+        return x
+
+    def forward_blocks(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens before the final norm, region tokens dropped: [B, L, D] in (t, h, w) order, or [B, L_vis, D]."""
+        x = self.forward_regions(videos, ids_keep)
+        x = x[:, :, 1:].flatten(1, 2)  # [B, R*S, D], region-major
         return x if ids_keep is not None else x[:, self.region_restore]  # [B, L, D] in (t, h, w) order
 
     def _check_region_major(self, ids_keep: torch.Tensor) -> None:
@@ -264,6 +289,17 @@ class LGIFormerEncoder(VideoViTEncoder):
 # ---------------------------------------------------------------------------
 # Pretraining model
 # ---------------------------------------------------------------------------
+
+
+def sorted_restore(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """ids_restore [B, L] that sends the i-th visible token to the i-th smallest visible position (MAE-DFER's decoder).
+
+    The hidden tokens are all the mask token, so only the visible ones move: their
+    outputs get the positions of the visible set in (t, h, w) order, not their own.
+    """
+    ids_shuffle = ids_restore.argsort(dim=1)  # [B, L]: visible (region-major), then hidden
+    visible = ids_shuffle[:, :len_keep].sort(dim=1).values
+    return torch.cat([visible, ids_shuffle[:, len_keep:]], dim=1).argsort(dim=1)
 
 
 class MAEDFER(VideoMAE):
@@ -296,6 +332,15 @@ class MAEDFER(VideoMAE):
         keep = keep.view(batch, nh, nw, rh, rw).permute(0, 1, 3, 2, 4).reshape(batch, 1, h * w)  # [B, 1, H'W']
         keep = keep.expand(batch, t, h * w).reshape(batch, t * h * w)  # [B, L]: tubes
         return masking_from_keep(keep, self.cfg.num_patches - self.num_masked(ratio), self.encoder.region_order)
+
+    def forward_encoder(
+        self, videos: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, C, T, H, W] -> (latent [B, L_vis, D] region-major, mask [B, L], ids_restore [B, L] for the decoder)."""
+        latent, mask, ids_restore = super().forward_encoder(videos, mask_ratio, generator)
+        if self.cfg.decoder_positions == "sorted":
+            ids_restore = sorted_restore(ids_restore, latent.shape[1])
+        return latent, mask, ids_restore
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L, u*p*p*C] -> (appearance [B, L, p*p*C], motion [B, L, (u-1)*p*p*C])."""

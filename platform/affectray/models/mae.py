@@ -253,14 +253,18 @@ class VideoViTEncoder(nn.Module):
         """[B, C, T, H, W] -> tube tokens with positions [B, L, D]."""
         return self.patch_embed(videos) + self.pos_embed.to(videos.dtype)
 
-    def forward_features(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, C, T, H, W] -> [B, L, D] (all tokens, (t, h, w) order), or [B, L_vis, D] for the ``ids_keep`` tokens."""
+    def forward_blocks(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens after the last block, before the final norm: [B, L, D] or [B, L_vis, D] (see forward_features)."""
         x = self.embed(videos)  # [B, L, D]
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)  # [B, L_vis, D]
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return x
+
+    def forward_features(self, videos: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, L, D] (all tokens, (t, h, w) order), or [B, L_vis, D] for the ``ids_keep`` tokens."""
+        return self.norm(self.forward_blocks(videos, ids_keep))
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         return self.forward_features(videos)

@@ -5,6 +5,14 @@ or MAE-DFER's LGI-Former with appearance + motion targets), ``build_video_encode
 encoder alone. :class:`VideoEncoderClassifier` (registry name ``video_encoder_classifier``)
 mean-pools such an encoder's tokens into expression logits, its encoder optionally loaded
 from a pretraining checkpoint (:func:`load_encoder_from_pretrain`, strict).
+
+Pooling: by default the encoder's last LayerNorm normalises every token and the clip's
+tokens are averaged. MAE-DFER's (and VideoMAE's) fine-tuning averages first and
+normalises the average (their ``fc_norm``; the encoder's own last norm is an identity
+there): ``fc_norm=True`` does that with the same LayerNorm module, ``encoder.norm``, so
+a pretraining checkpoint's encoder loads strictly either way. ``pool="regions"`` averages
+the LGI-Former's region tokens instead of the clip's (MAE-DFER's DFEW model,
+``lg_classify_token_type='region'``), ``pool="all"`` both.
 """
 
 from __future__ import annotations
@@ -99,6 +107,9 @@ def build_video_encoder(name: str, size: str = "base", **overrides: Any) -> Vide
 # ---------------------------------------------------------------------------
 
 
+POOLS = ("tokens", "regions", "all")
+
+
 @dataclass
 class VideoEncoderClassifierConfig:
     backbone: str = "mae_dfer"  # the encoder family: "videomae" | "mae_dfer"
@@ -110,6 +121,15 @@ class VideoEncoderClassifierConfig:
     drop_path_rate: float = 0.1
     weights_path: str | None = None  # local pretraining checkpoint, encoder part loaded at construction
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # further encoder config overrides
+    # The tokens averaged: "tokens" (the clip's), "regions" (LGI-Former's region tokens), "all" (both).
+    pool: str = "tokens"
+    fc_norm: bool = False  # True: encoder.norm on the average (MAE-DFER's fc_norm); False: on each token
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ModelError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.pool != "tokens" and self.backbone != "mae_dfer":
+            raise ModelError(f"pool={self.pool!r} averages LGI-Former region tokens: it needs backbone 'mae_dfer'")
 
 
 class VideoEncoderClassifier(ClassifierMixin, nn.Module):
@@ -138,9 +158,20 @@ class VideoEncoderClassifier(ClassifierMixin, nn.Module):
         if cfg.weights_path is not None:
             load_encoder_from_pretrain(self, read_state_dict(cfg.weights_path), source=cfg.weights_path)
 
+    def pooled(self, videos: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] -> the clip's feature [B, D]: the tokens ``cfg.pool`` names, averaged and normalised."""
+        if self.cfg.pool == "tokens":
+            x = self.encoder.forward_blocks(videos)  # [B, L, D]
+        else:
+            x = self.encoder.forward_regions(videos)  # [B, R, 1+S, D], index 0: region token
+            x = x[:, :, 0] if self.cfg.pool == "regions" else x.flatten(1, 2)  # [B, R, D] or [B, R*(1+S), D]
+        if self.cfg.fc_norm:
+            return self.encoder.norm(x.mean(dim=1))
+        return self.encoder.norm(x).mean(dim=1)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         videos = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]
-        feats = self.encoder.forward_features(videos).mean(dim=1)  # [B, D]
+        feats = self.pooled(videos)  # [B, D]
         return {"logits": self.head(self.head_drop(feats)), "features": feats}  # [B, classes], [B, D]
 
     def describe(self) -> dict[str, Any]:
