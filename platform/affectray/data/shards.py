@@ -31,6 +31,12 @@ SCHEMA_VERSION = 1
 SHARDS_DIR = "shards"
 DONE_DIR = "_done"
 MANIFEST_NAME = "_manifest.json"
+# The classes of the dataset a shard root came from, as the manifest's "dataset_label_set"
+# names them. Labels are stored as ABAW8 indices whatever the dataset (the manifest's
+# "label_set"); this says which of those indices the dataset can have, so a head can be
+# sized by it: basic7 = ABAW8's first 7 (no Other); affectnet8 = basic7 + Contempt, stored
+# as ABAW8 Other; abaw8 = all 8, Other meaning Aff-Wild2's Other.
+DATASET_LABEL_SETS = ("basic7", "affectnet8", "abaw8")
 
 SEGMENT_SCHEMA = pa.schema(
     [
@@ -188,6 +194,20 @@ def read_manifest(root: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise storage.StorageError(f"no shard manifest at {uri!r}: run `affectray ingest` into {root!r} first")
     return storage.read_json(uri)
+
+
+def dataset_label_set(manifest: dict[str, Any]) -> str:
+    """The dataset's own label set a manifest records (one of DATASET_LABEL_SETS).
+
+    Manifests written before ingest recorded it say nothing; they are read as "abaw8",
+    the index space every shard stores.
+    """
+    name = manifest.get("dataset_label_set") or "abaw8"
+    if name not in DATASET_LABEL_SETS:
+        raise storage.StorageError(
+            f"manifest names dataset_label_set {name!r}, not one of {', '.join(DATASET_LABEL_SETS)}"
+        )
+    return name
 
 
 def frames_per_segment(table: pa.Table) -> np.ndarray:

@@ -1,6 +1,10 @@
 """Ingest video and frame corpora into aligned-face segment shards, on Ray Data.
 
     affectray ingest SOURCE OUT --layout videos --annotations EXPR_Set/ --dataset affwild2
+    affectray ingest RAF-DB/basic OUT --layout rafdb
+    affectray ingest AffectNet/ OUT --layout affectnet --split train
+    affectray ingest DFEW/ OUT --layout dfew --fold 1
+    affectray ingest DFEW/ OUT --layout dfew-maedfer --fold 1 --csv MAE-DFER/saved/data/dfew/org
     affectray ingest --config jobs/configs/ingest-smoke.yaml --set min_face_score=0.8
 
 Every field of IngestConfig can come from a YAML file (--config) and --set FIELD=VALUE;
@@ -12,9 +16,14 @@ derived from the input, so a re-run skips finished units and never duplicates
 rows. Videos stream through PyAV in frame batches; MTCNN runs batched in an
 actor pool (a GPU per actor when the cluster has GPUs), each face is aligned
 by its five landmarks, JPEG-encoded and linked into tracks; tracks are cut into
-segments. A unit that fails (corrupt, truncated, not a video, no face) is
-recorded with its reason and the rest goes on. OUT/_manifest.json is rebuilt
-from every unit's outcome at the end.
+segments. Aligned frames and images skip detection: they are only resized, and
+AffectNet's images are cropped by the box its csv gives. A unit that fails
+(corrupt, truncated, not a video, no face) is recorded with its reason and the
+rest goes on. OUT/_manifest.json is rebuilt from every unit's outcome at the end;
+besides the stored index space (``label_set``, always ABAW8) it records the
+dataset's own classes (``dataset_label_set``: basic7, affectnet8 or abaw8, read
+with ``shards.dataset_label_set``). The layouts (--layout) are described in
+affectray.ingest.sources.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -40,13 +49,13 @@ from affectray.faces.jpeg import decode_jpeg, encode_jpeg
 from affectray.faces.tracking import IoUTracker, select_tracks
 from affectray.faces.video import VideoDecodeError, iter_frames
 from affectray.ingest.annotations import find_annotations, frame_labels, read_annotation
-from affectray.ingest.sources import LAYOUTS, WorkUnit, list_units
+from affectray.ingest.sources import DFEW_FOLDS, LAYOUT_DATASETS, LAYOUTS, WorkUnit, list_units
 from affectray.labels import ABAW8, LabelError, dataset_label_to_abaw
 from affectray.runtime import add_config_job_arguments, init_ray, job_config, run_config_job
 
 logger = logging.getLogger("affectray.ingest")
 
-Layout = Literal["videos", "aligned-frames", "image-folder", "dfew-csv"]
+Layout = Literal["videos", "aligned-frames", "image-folder", "dfew-csv", "rafdb", "affectnet", "dfew", "dfew-maedfer"]
 
 
 @dataclass
@@ -55,9 +64,12 @@ class IngestConfig:
     out: str = location()  # shard root to write: a local dir or s3:// prefix; required
     layout: Layout = "videos"
     annotations: str | None = location(None)  # Aff-Wild2 EXPR or VA txt files, matched to videos by name
-    csv: str | None = location(None)  # dfew-csv: the split file (default: the one *.csv at SOURCE)
-    dataset: str = "custom"
-    split: str = "train"
+    # The csv layouts' list file or folder of lists (default: where the dataset keeps it under SOURCE).
+    csv: str | None = location(None)
+    dataset: str = "custom"  # a dataset's own layout writes its name instead (rafdb, affectnet, dfew)
+    # Selects a split where the layout knows them; None: every split, each row its own ("train" if unknown).
+    split: str | None = None
+    fold: int | None = None  # dfew, dfew-maedfer: the DFEW fold (1..5) whose split lists are read
     image_size: int = 224
     all_faces: bool = False  # keep every face track, not only the largest
     segment_length: int = 64  # most frames per segment row
@@ -82,6 +94,8 @@ class IngestConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.image_size < 16 or self.segment_length < 1 or self.max_gap < 1:
             raise ValueError("image_size >= 16, segment_length >= 1 and max_gap >= 1 are required")
+        if self.fold is not None and self.fold not in DFEW_FOLDS:
+            raise ValueError(f"fold must be one of DFEW's folds 1..5, got {self.fold}")
 
 
 @dataclass
@@ -129,7 +143,7 @@ class UnitProcessor:
             result, segments = UnitResult(unit.key, unit.source, "failed", reason=_reason(error)), []
         if segments:
             table = shards.segments_to_table(
-                segments, dataset=self.config.dataset, split=unit.split or self.config.split, source=unit.source
+                segments, dataset=self.config.dataset, split=_split(unit, self.config), source=unit.source
             )
             result.shard = shards.write_shard(self.config.out, unit.key, table)
             result.rows = table.num_rows
@@ -190,8 +204,9 @@ class UnitProcessor:
     def _read_images(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
         cfg = self.config
         result = UnitResult(unit.key, unit.source, "ok")
+        boxes = unit.boxes or (None,) * len(unit.uris)
         with ThreadPoolExecutor(max_workers=8) as pool:  # object-store reads are latency-bound
-            loaded = list(pool.map(self._load_image, unit.uris))
+            loaded = list(pool.map(self._load_image, unit.uris, boxes))
         bad = [(uri, err) for uri, (_, err) in zip(unit.uris, loaded) if err]
         result.frames = len(unit.uris) - len(bad)
         result.frames_with_face = result.frames
@@ -205,9 +220,11 @@ class UnitProcessor:
             segments = []
             for i, jpeg in good:
                 video_id = _image_id(cfg.source, unit.uris[i])
-                segments.append(
-                    shards.Segment(video_id, 0, [0], [0.0], [jpeg], [unit.labels[i] if unit.labels else -1])
-                )
+                label = unit.labels[i] if unit.labels else -1
+                segment = shards.Segment(video_id, 0, [0], [0.0], [jpeg], [label])
+                if unit.valence is not None and unit.arousal is not None:
+                    segment.valence, segment.arousal = [unit.valence[i]], [unit.arousal[i]]
+                segments.append(segment)
             return result, segments
         frames = [unit.frame_indices[i] for i, _ in good]
         pts = [f / cfg.frames_fps for f in frames]
@@ -215,15 +232,17 @@ class UnitProcessor:
         segments = self._segments(unit, 0, frames, pts, [j for _, j in good], self._annotation(unit), None)
         return result, segments
 
-    def _load_image(self, uri: str) -> tuple[bytes | None, str]:
-
+    def _load_image(self, uri: str, box: tuple[int, int, int, int] | None = None) -> tuple[bytes | None, str]:
+        """The image as a JPEG of the configured size (cropped to ``box``, x y width height, if given)."""
         size = self.config.image_size
         try:
             data = storage.read_bytes(uri)
             image = decode_jpeg(data)
+            if box is not None:
+                image = _crop(image, box)
         except Exception as error:  # noqa: BLE001
             return None, _reason(error)
-        if image.shape[:2] == (size, size) and data[:2] == b"\xff\xd8":
+        if box is None and image.shape[:2] == (size, size) and data[:2] == b"\xff\xd8":
             return data, ""  # already an aligned JPEG of the right size: keep the original bytes
         import cv2
 
@@ -272,13 +291,16 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray actors run in directories of their own
+    if config.dataset == IngestConfig.dataset and config.layout in LAYOUT_DATASETS:
+        config = replace(config, dataset=LAYOUT_DATASETS[config.layout])
     listing = list_units(
         config.source,
         config.layout,
         images_per_unit=config.images_per_unit,
         csv_uri=config.csv,
         dataset=_index_map(config.dataset),
-        split=None if config.layout == "image-folder" else config.split,
+        split=config.split,
+        fold=config.fold,
     )
     if not listing.units:
         raise JobError(f"no inputs of layout {config.layout!r} found under {config.source!r}")
@@ -345,15 +367,23 @@ def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
     ok = [r for r in results if r["status"] != "failed"]
     frames = sum(r["frames"] for r in results)
     with_face = sum(r["frames_with_face"] for r in results)
+    written = [u for u, r in zip(listing.units, results) if r["shard"]]
+    splits = sorted({_split(u, config) for u in written})
+    clip_labels = Counter(ABAW8.classes[u.clip_label] for u in written if u.clip_label >= 0)
     return {
         "schema_version": shards.SCHEMA_VERSION,
         "dataset": config.dataset,
-        "split": config.split,
+        "split": config.split or "+".join(splits) or "train",
+        "splits": splits,
+        "fold": config.fold,
         "layout": config.layout,
         "source": config.source,
         "image_size": config.image_size,
         "segment_length": config.segment_length,
+        # The index space labels are stored in: always ABAW8, whatever the dataset.
         "label_set": ABAW8.to_dict(),
+        # The dataset's own classes (shards.DATASET_LABEL_SETS): what a head trained on it needs.
+        "dataset_label_set": listing.label_set,
         "class_mapping": listing.class_mapping,
         "counts": {
             "units": len(listing.units),
@@ -367,6 +397,7 @@ def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
             "tracks": sum(r["tracks"] for r in results),
         },
         "labels": {name: labels.get(name, 0) for name in list(ABAW8.classes) + ["unlabelled"]},
+        "clip_labels": {name: clip_labels[name] for name in ABAW8.classes} if clip_labels else {},
         "detection": {
             "frames_decoded": frames,
             "frames_with_face": with_face,
@@ -390,6 +421,21 @@ def _index_map(dataset: str) -> str | None:
     except LabelError:
         return None
     return dataset
+
+
+def _split(unit: WorkUnit, config: IngestConfig) -> str:
+    """The split a unit's rows are written with: its own, else the configured one, else 'train'."""
+    return unit.split or config.split or "train"
+
+
+def _crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The part of ``image`` inside ``box`` (x, y, width, height), clipped to the image."""
+    x, y, width, height = box
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(image.shape[1], x + width), min(image.shape[0], y + height)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"face box {tuple(box)} lies outside the {image.shape[1]}x{image.shape[0]} image")
+    return image[y0:y1, x0:x1]
 
 
 def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
@@ -440,12 +486,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input root: a local dir or s3:// prefix (source; optional when --config gives it)")  # fmt: skip
     add("out", nargs="?", default=unset, metavar="OUT",
         help="shard root to write: a local dir or s3:// prefix (out; optional when --config gives it)")  # fmt: skip
-    add("--layout", choices=LAYOUTS, default=unset, help=f"how SOURCE is organised (default: {d.layout})")
+    add("--layout", choices=LAYOUTS, default=unset,
+        help=f"how SOURCE is organised (default: {d.layout}): videos, aligned-frames, image-folder, dfew-csv; "
+             "or a dataset as distributed: rafdb (RAF-DB basic), affectnet (training.csv, validation.csv), "
+             "dfew (EmoLabel_DataSplit/ + Clip/jpg_256/; --fold), dfew-maedfer (MAE-DFER's split0N/*.csv)")  # fmt: skip
     add("--annotations", default=unset, help="Aff-Wild2 EXPR or VA annotation folder, matched to videos by name")
-    add("--csv", default=unset, help="dfew-csv: the split file of 'path label' lines (default: the *.csv in SOURCE)")
+    add("--csv", default=unset,
+        help="the csv layouts' list file or folder of lists: dfew-csv's split file (default: the *.csv in "
+             "SOURCE), RAF-DB's list_patition_label.txt, AffectNet's training.csv or validation.csv, DFEW's "
+             "set_N.csv or EmoLabel_DataSplit/, MAE-DFER's train.csv or the folder holding split0N/ "
+             "(default: where the dataset keeps it in SOURCE; relative paths are tried under SOURCE too)")  # fmt: skip
     add("--dataset", default=unset,
-        help=f"dataset name written to every row (affwild2, dfew, rafdb…; default: {d.dataset})")  # fmt: skip
-    add("--split", default=unset, help=f"split name written to every row (default: {d.split})")
+        help=f"dataset name written to every row (affwild2, dfew, rafdb…; default: {d.dataset}, or the "
+             "layout's dataset for rafdb, affectnet, dfew*); image-folder: numbered folders' numbering")  # fmt: skip
+    add("--split", default=unset,
+        help="the split to ingest where the layout knows splits (split folders; rafdb: train/test; affectnet: "
+             "train/val; dfew: train/test; dfew-maedfer: train/val/test), else the split written to every row "
+             "(default: every split, each row its own; train where none is known)")  # fmt: skip
+    add("--fold", type=int, choices=list(DFEW_FOLDS), default=unset,
+        help="dfew, dfew-maedfer: the DFEW fold (1..5) whose split lists are read (set_N.csv, split0N/)")  # fmt: skip
     add("--image-size", type=int, default=unset, help=f"side of the aligned face crops (default: {d.image_size})")
     add("--all-faces", action="store_true", default=unset, help="keep every face track, not only the largest")
     add("--segment-length", type=int, default=unset, help=f"most frames per segment row (default: {d.segment_length})")
