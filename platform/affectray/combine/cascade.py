@@ -60,8 +60,13 @@ def joint_preprocessing(metas: list[dict[str, Any]], window: int) -> dict[str, A
     return joint
 
 
-def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri: str, *, job: str) -> dict[str, Any]:
-    """Save a composite of trained members as a self-describing 8-class-or-whatever checkpoint."""
+def write_composite(
+    model, metas: list[dict[str, Any]], uris: list[str], out_uri: str, *, job: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Save a composite of trained members as a self-describing 8-class-or-whatever checkpoint.
+
+    ``extra``: more meta entries (an ensemble's fitted weights and how they were fitted).
+    """
     import dataclasses
     import tempfile
 
@@ -86,6 +91,7 @@ def write_composite(model, metas: list[dict[str, Any]], uris: list[str], out_uri
         "members": [{"uri": u, "metrics": m.get("validation", {}).get("metrics")} for u, m in zip(uris, metas)],
         "step": 0,
         "git_revision": ckpt.git_revision(),
+        **(extra or {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save_checkpoint(tmp, model, meta)
