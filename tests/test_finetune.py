@@ -140,7 +140,7 @@ def test_config_mistakes_name_the_setting(shards, tmp_path):
 def unit_config(**model) -> FinetuneConfig:
     """A frame-model config for tests that build the task without data or Ray."""
     data = dataclasses.replace(FinetuneConfig().data, root="unused", image_size=SIZE)
-    return FinetuneConfig(data=data, model=ModelConfig(**model))
+    return FinetuneConfig(data=data, model=ModelConfig(**model), class_view="abaw8")
 
 
 def test_weighted_ensembles_are_joined_not_fine_tuned():
@@ -227,6 +227,7 @@ def test_init_from_a_pretraining_checkpoint_loads_the_encoder(tmp_path):
         ),
         init=str(tmp_path / "pre"),
         layer_decay=0.75,
+        class_view="abaw8",
     )  # fmt: skip
     task = ClassifierTask(config, model_description(config), None)
     model = task.build_model()

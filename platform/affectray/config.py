@@ -531,4 +531,6 @@ def resolve_locations(cfg: T) -> T:
                 )
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             changes[f.name] = resolve_locations(value)
+        elif isinstance(value, (list, tuple)) and any(dataclasses.is_dataclass(v) for v in value):
+            changes[f.name] = type(value)(resolve_locations(v) for v in value)  # e.g. finetune's prepare list
     return dataclasses.replace(cfg, **changes) if changes else cfg

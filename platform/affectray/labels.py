@@ -21,6 +21,7 @@ from affectray.errors import AffectrayError
 
 __all__ = [
     "ABAW8",
+    "AFFECTNET8",
     "BASIC7",
     "CFC_COARSE",
     "CFC_NEGATIVE",
@@ -78,14 +79,16 @@ class LabelSet:
 
 ABAW8 = LabelSet("abaw8", ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other"))
 BASIC7 = LabelSet("basic7", ABAW8.classes[:7])
+# AffectNet-8: the basic seven and Contempt, which the shards store as ABAW8's Other.
+AFFECTNET8 = LabelSet("affectnet8", (*BASIC7.classes, "Contempt"))
 CFC_COARSE = LabelSet("cfc_coarse", ("Neutral", "Happiness", "Surprise", "Other", "Negative"))
 CFC_NEGATIVE = LabelSet("cfc_negative", ("Anger", "Disgust", "Fear", "Sadness"))
 
-LABEL_SETS: dict[str, LabelSet] = {s.name: s for s in (ABAW8, BASIC7, CFC_COARSE, CFC_NEGATIVE)}
+LABEL_SETS: dict[str, LabelSet] = {s.name: s for s in (ABAW8, BASIC7, AFFECTNET8, CFC_COARSE, CFC_NEGATIVE)}
 
 
 def get_label_set(name: str) -> LabelSet:
-    """The built-in label set called ``name`` (abaw8, basic7, cfc_coarse, cfc_negative)."""
+    """The built-in label set called ``name`` (abaw8, basic7, affectnet8, cfc_coarse, cfc_negative)."""
     try:
         return LABEL_SETS[name]
     except KeyError:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["expression_metrics", "valence_arousal_ccc"]
+__all__ = ["expression_metrics", "valence_arousal_ccc", "valence_arousal_metrics"]
 
 
 def _as_int_labels(values: Any, name: str) -> np.ndarray:
@@ -102,3 +102,29 @@ def valence_arousal_ccc(x: Any, y: Any) -> float:
     if denom == 0:  # both constant and equal: perfect agreement
         return 1.0
     return float(2 * cov / denom)
+
+
+def valence_arousal_metrics(pred: Any, true: Any) -> dict[str, Any]:
+    """ABAW VA figures of predictions [N, 2] against annotations [N, 2] (valence, arousal; NaN = none).
+
+    Each CCC is taken over the rows annotated in its column. Returns ``ccc_valence``,
+    ``ccc_arousal``, ``ccc_mean`` (their mean: the ABAW VA score) and ``va_count``
+    (rows with any annotation).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape[1] != 2 or pred.shape != true.shape:
+        raise ValueError(
+            f"valence_arousal_metrics needs [N, 2] predictions and annotations, got {pred.shape}, {true.shape}"
+        )
+    annotated = np.isfinite(true)
+    for column, name in enumerate(("valence", "arousal")):
+        if not annotated[:, column].any():
+            raise ValueError(f"valence_arousal_metrics got no {name} annotation among {len(true)} rows")
+    ccc = [valence_arousal_ccc(pred[annotated[:, c], c], true[annotated[:, c], c]) for c in range(2)]
+    return {
+        "ccc_valence": ccc[0],
+        "ccc_arousal": ccc[1],
+        "ccc_mean": (ccc[0] + ccc[1]) / 2,
+        "va_count": int(annotated.any(axis=1).sum()),
+    }

@@ -7,7 +7,8 @@
 For each input: MTCNN finds the faces, each face is cropped as the checkpoint's
 preprocessing says (its detector box for the built-in model, five-point alignment
 for fine-tuned ones) and classified. A table lists every face with its box, label
-and top probabilities; ``--json`` ends with one JSON object; ``--out`` gets an
+and top probabilities (and valence / arousal, for a checkpoint with a VA head);
+``--json`` ends with one JSON object; ``--out`` gets an
 annotated copy of each input (boxes and labels drawn; videos as MP4).
 
 Videos are sampled (``--every``, default every 10th frame) and each face is scored on
@@ -58,10 +59,14 @@ class Face:
     probs: dict[str, float]
     frame_index: int | None = None  # videos: the frame it was found on
     pts_seconds: float | None = None
+    valence: float | None = None  # a checkpoint with a VA head: in [-1, 1]
+    arousal: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"box": [round(v, 1) for v in self.box], "score": round(self.score, 4), "label": self.label,
                "probs": {k: round(v, 4) for k, v in self.probs.items()}}  # fmt: skip
+        if self.valence is not None:
+            out.update(valence=round(self.valence, 4), arousal=round(self.arousal, 4))
         if self.frame_index is not None:
             out.update(frame_index=self.frame_index, pts_seconds=round(self.pts_seconds or 0.0, 3))
         return out
@@ -111,12 +116,15 @@ class Predictor:
                 found.append([])
                 continue
             # Each face on its own: a window model sees its frame repeated (a one-frame track).
-            probs = np.concatenate([self.classifier.predict_track(crop[None]) for crop in crops])
+            predicted = [self.classifier.predict_track_outputs(crop[None]) for crop in crops]
+            probs = np.concatenate([p["probs"] for p in predicted])
+            va = np.concatenate([p["va"] for p in predicted]) if self.classifier.predicts_va else None
             classes = self.classifier.classes
             found.append([
                 Face(box=[float(v) for v in d.box], score=float(d.score), label=classes[int(p.argmax())],
-                     probs={classes[k]: float(p[k]) for k in np.argsort(-p)})
-                for d, p in zip(detections, probs)
+                     probs={classes[k]: float(p[k]) for k in np.argsort(-p)},
+                     **({} if va is None else {"valence": float(va[j, 0]), "arousal": float(va[j, 1])}))
+                for j, (d, p) in enumerate(zip(detections, probs))
             ])  # fmt: skip
         return found
 
@@ -224,7 +232,8 @@ def format_table(results: list[Prediction]) -> str:
             box = ", ".join(f"{v:.0f}" for v in f.box)
             top = "  ".join(f"{k} {v:.2f}" for k, v in list(f.probs.items())[:TOP_K])
             frame = "" if f.frame_index is None else str(f.frame_index)
-            lines.append(f"{name:<28} {frame:>6} {box:<24} {f.label:<10} {top}")
+            va = "" if f.valence is None else f"  valence {f.valence:+.2f} arousal {f.arousal:+.2f}"
+            lines.append(f"{name:<28} {frame:>6} {box:<24} {f.label:<10} {top}{va}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,10 @@ there is one), so the object store and the network carry 4x fewer bytes::
     for inputs, targets in iter_train_batches(shard, cfg, batch_size, epoch, device):
         ...                                              # inputs [B, C, T, H, W] or [B, C, H, W]
 
+With ``cfg.va`` every batch tuple gains a last element, the valence/arousal targets
+of the frame the expression target comes from (the centre frame): float32 [B, 2],
+NaN where that frame has no annotation. Without it the tuples are as above.
+
 Pipeline (each step is one module-level function, fused by Ray into one task
 per Parquet file): ``read_parquet`` (needed columns only, file order shuffled
 for training) → :func:`select_segments` (split and held-out videos) →
@@ -105,6 +109,10 @@ class DataConfig:
     # segments with fewer than min_frames frames are skipped.
     min_frames: int = 1
     skip_unlabelled: bool = True  # drop samples whose target is -1 (when label != none)
+    # Also yield the valence/arousal of the target frame (the window's centre) as a last batch
+    # element, [B, 2] float32, NaN = unannotated. With skip_unlabelled, a sample is kept when it
+    # has an expression label or a valence/arousal value (VA-only corpora train too).
+    va: bool = False
     scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range (train)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop aspect range (train)
     hflip: float = 0.5
@@ -114,6 +122,11 @@ class DataConfig:
     channels: int = 3
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # How the shards' faces were cut, written into checkpoints so label and predict cut video
+    # faces the same way: "aligned" (5-point alignment, what video ingest stores) or "box"
+    # (the detector's square box grown by box_margin: FER2013's and AffectNet's crops).
+    crop: Literal["aligned", "box"] = "aligned"
+    box_margin: float = 0.0
     seed: int = 0
     segments_per_batch: int = 8  # segments per Ray Data task call (a frame-mode segment gives many rows)
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer; 0 = 4 x batch size
@@ -133,6 +146,7 @@ def preprocessing_of(cfg: DataConfig) -> Preprocessing:
     return Preprocessing(
         mode=cfg.mode, image_size=cfg.image_size, num_frames=cfg.num_frames if cfg.mode == "clip" else 1,
         frame_stride=cfg.frame_stride, mean=tuple(cfg.mean), std=tuple(cfg.std), channels=cfg.channels,
+        crop=cfg.crop, box_margin=cfg.box_margin,
     )  # fmt: skip
 
 
@@ -141,7 +155,7 @@ def data_config_for(pre: Preprocessing, root: str) -> DataConfig:
     return DataConfig(
         root=root, mode="clip" if pre.mode == "clip" else "frame", num_frames=pre.num_frames,
         frame_stride=pre.frame_stride, image_size=pre.image_size, channels=pre.channels, mean=pre.mean,
-        std=pre.std, label="center",
+        std=pre.std, crop=pre.crop, box_margin=pre.box_margin, label="center",
     )  # fmt: skip
 
 
@@ -157,6 +171,8 @@ def validate(cfg: DataConfig) -> None:
         raise bad("mode", "use 'clip' or 'frame'")
     if cfg.label not in ("none", "center", "clip", "frames"):
         raise bad("label", "use 'none', 'center', 'clip' or 'frames'")
+    if cfg.va and cfg.label not in ("center", "frames"):
+        raise bad("label", "valence/arousal targets (data.va) are per frame: use label 'center' (or 'frames')")
     if cfg.mode == "frame" and cfg.label == "frames":
         raise bad("label", "per-frame label vectors need mode='clip'; frame mode labels each frame with 'center'")
     for key in ("num_frames", "frame_stride", "image_size", "min_frames", "segments_per_batch"):
@@ -225,7 +241,13 @@ def centred_windows(length: int, num_frames: int, frame_stride: int) -> np.ndarr
 
 
 def window_positions(
-    length: int, labels: np.ndarray | None, cfg: DataConfig, *, train: bool, rng: np.random.Generator | None
+    length: int,
+    labels: np.ndarray | None,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    rng: np.random.Generator | None,
+    annotated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Positions (row-local frame offsets) of the windows to take from one segment: [K, T] int64.
 
@@ -235,6 +257,8 @@ def window_positions(
 
     ``labels`` (the segment's per-frame labels) restricts the candidates to windows with
     a target when ``skip_unlabelled``; None means no restriction (clip labels, pretraining).
+    ``annotated`` ([length] bool: frames with a valence/arousal value) counts as a target
+    too, at the window's centre.
     Training draws ``clips_per_segment`` candidates without replacement; evaluation takes
     the centres of ``clips_per_segment`` equal bins of the candidates (the middle window for
     one), so it is deterministic.
@@ -252,10 +276,14 @@ def window_positions(
 
     if labels is not None and cfg.skip_unlabelled:
         window_labels = labels[windows]  # [K, T]
+        centre = windows.shape[1] // 2
         if cfg.label == "frames":
-            windows = windows[(window_labels >= 0).any(axis=1)]
+            keep = (window_labels >= 0).any(axis=1)
         else:
-            windows = windows[window_labels[:, window_labels.shape[1] // 2] >= 0]
+            keep = window_labels[:, centre] >= 0
+        if annotated is not None:
+            keep |= annotated[windows[:, centre]]
+        windows = windows[keep]
 
     count = len(windows)
     if cfg.mode == "frame" or cfg.clips_per_segment == 0 or count <= cfg.clips_per_segment and not train:
@@ -383,7 +411,7 @@ class _Rows:
         self.offsets, values = _list_column(batch, "frame_index")
         self.frame_index = values.to_numpy()
         self.lengths = np.diff(self.offsets)
-        self.labels = self.clip_label = self.images = None
+        self.labels = self.clip_label = self.images = self.va = None
         if "labels" in names:
             self.label_offsets, values = _list_column(batch, "labels")
             self.labels = values.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -391,13 +419,32 @@ class _Rows:
                 raise LoaderError("a segment row has different numbers of labels and frame indices")
         if "clip_label" in names:
             self.clip_label = batch.column("clip_label").to_numpy().astype(np.int64)
+        if "valence" in names and "arousal" in names:
+            self.va = np.stack([self._frame_values(batch, "valence"), self._frame_values(batch, "arousal")], 1)
         if "images" in names:
             self.image_offsets, self.images = _list_column(batch, "images")  # BinaryArray of every JPEG
             if not np.array_equal(np.diff(self.image_offsets), self.lengths):
                 raise LoaderError("a segment row has different numbers of images and frame indices")
 
+    def _frame_values(self, batch: pa.Table, name: str) -> np.ndarray:
+        """A nullable per-frame float list column, flattened along frame_index: [frames] float32, NaN = none."""
+        column = batch.column(name).combine_chunks()
+        out = np.full(len(self.frame_index), np.nan, dtype=np.float32)  # indexed by frame_index's offsets
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32)
+        for i in np.nonzero(np.asarray(column.is_valid()))[0]:
+            lo, hi = offsets[i], offsets[i + 1]
+            if hi - lo != self.lengths[i]:
+                raise LoaderError(f"a segment row has {hi - lo} {name} values for {self.lengths[i]} frames")
+            out[self.offsets[i] : self.offsets[i + 1]] = values[lo:hi]
+        return out
+
     def frames(self, i: int) -> np.ndarray:
         return self.frame_index[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+
+    def frame_va(self, i: int) -> np.ndarray:
+        """The segment's per-frame [valence, arousal]: [L, 2] float32, NaN where unannotated."""
+        return self.va[self.offsets[i] : self.offsets[i + 1]]
 
     def frame_labels(self, i: int) -> np.ndarray | None:
         if self.labels is None:
@@ -418,6 +465,13 @@ def _segment_labels(rows: _Rows, i: int, cfg: DataConfig) -> np.ndarray | None:
     return None
 
 
+def _segment_annotated(rows: _Rows, i: int, cfg: DataConfig) -> np.ndarray | None:
+    """Frames with a valence or arousal value, which are targets too (None: VA not asked for)."""
+    if not cfg.va:
+        return None
+    return np.isfinite(rows.frame_va(i)).any(axis=1)
+
+
 def _skip_segment(rows: _Rows, i: int, cfg: DataConfig) -> bool:
     return cfg.label == "clip" and cfg.skip_unlabelled and int(rows.clip_label[i]) < 0
 
@@ -427,18 +481,22 @@ def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, 
 
     Output columns: ``video`` [N, T, S, S, 3] uint8, ``video_id`` str, ``frame_index``
     int64 (the centre frame, position T // 2 of the window), and ``label`` int64 (centre
-    or clip label) or ``labels`` int64 [N, T] (label == frames); no label for 'none'.
+    or clip label) or ``labels`` int64 [N, T] (label == frames); no label for 'none';
+    ``va`` float32 [N, 2] (the centre frame's valence, arousal) with ``cfg.va``.
     """
     rows = _Rows(batch)
     salt = _epoch_salt() if train else 0
     T, S = cfg.num_frames, cfg.image_size
-    clips, ids, centres, targets = [], [], [], []
+    clips, ids, centres, targets, va = [], [], [], [], []
     for i in range(rows.n):
         if _skip_segment(rows, i, cfg):
             continue
         frames = rows.frames(i)
         rng = _segment_rng(cfg.seed, salt, rows.video_id[i], int(rows.track_id[i]), int(frames[0])) if train else None
-        windows = window_positions(len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)
+        windows = window_positions(
+            len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng,
+            annotated=_segment_annotated(rows, i, cfg),
+        )  # fmt: skip
         if len(windows) == 0:
             continue
         decoded = rows.decode(i, windows)
@@ -447,6 +505,8 @@ def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, 
             clips.append(transform_clip([decoded[int(p)] for p in window], cfg, train=train, rng=rng))
             ids.append(rows.video_id[i])
             centres.append(frames[window[T // 2]])
+            if cfg.va:
+                va.append(rows.frame_va(i)[window[T // 2]])
             if cfg.label == "center":
                 targets.append(labels[window[T // 2]])
             elif cfg.label == "frames":
@@ -462,6 +522,8 @@ def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, 
         out["labels"] = np.stack(targets).astype(np.int64) if targets else np.zeros((0, T), dtype=np.int64)
     elif cfg.label != "none":
         out["label"] = np.array(targets, dtype=np.int64)
+    if cfg.va:
+        out["va"] = np.stack(va).astype(np.float32) if va else np.zeros((0, 2), dtype=np.float32)
     return out
 
 
@@ -469,18 +531,22 @@ def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str,
     """Segments → single frames, each kept frame once per pass (uint8 out).
 
     Output columns: ``image`` [N, S, S, 3] uint8, ``video_id`` str, ``frame_index``
-    int64 and ``label`` int64 (the frame's own label, or its segment's clip_label).
+    int64 and ``label`` int64 (the frame's own label, or its segment's clip_label);
+    ``va`` float32 [N, 2] (the frame's valence, arousal) with ``cfg.va``.
     """
     rows = _Rows(batch)
     salt = _epoch_salt() if train else 0
     S = cfg.image_size
-    images, ids, indices, targets = [], [], [], []
+    images, ids, indices, targets, va = [], [], [], [], []
     for i in range(rows.n):
         if _skip_segment(rows, i, cfg):
             continue
         frames = rows.frames(i)
         rng = _segment_rng(cfg.seed, salt, rows.video_id[i], int(rows.track_id[i]), int(frames[0])) if train else None
-        positions = window_positions(len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)[:, 0]
+        positions = window_positions(
+            len(frames), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng,
+            annotated=_segment_annotated(rows, i, cfg),
+        )[:, 0]  # fmt: skip
         if len(positions) == 0:
             continue
         decoded = rows.decode(i, positions)
@@ -489,6 +555,8 @@ def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str,
             images.append(transform_clip([decoded[int(p)]], cfg, train=train, rng=rng)[0])
             ids.append(rows.video_id[i])
             indices.append(frames[p])
+            if cfg.va:
+                va.append(rows.frame_va(i)[p])
             if cfg.label == "center":
                 targets.append(labels[p])
             elif cfg.label == "clip":
@@ -500,6 +568,8 @@ def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str,
     }
     if cfg.label != "none":
         out["label"] = np.array(targets, dtype=np.int64)
+    if cfg.va:
+        out["va"] = np.stack(va).astype(np.float32) if va else np.zeros((0, 2), dtype=np.float32)
     return out
 
 
@@ -511,6 +581,8 @@ def _columns(cfg: DataConfig, *, pixels: bool = True) -> list[str]:
         columns.append("labels")
     if cfg.label == "clip":
         columns.append("clip_label")
+    if cfg.va:
+        columns += ["valence", "arousal"]
     if pixels:
         columns.append("images")
     return columns
@@ -601,9 +673,8 @@ def count_samples(source: DataConfig | ray.data.Dataset, *, train: bool = False,
     total = 0
     for i in range(rows.n):
         if not _skip_segment(rows, i, cfg):
-            total += len(
-                window_positions(int(rows.lengths[i]), _segment_labels(rows, i, cfg), cfg, train=train, rng=rng)
-            )
+            labels, annotated = _segment_labels(rows, i, cfg), _segment_annotated(rows, i, cfg)
+            total += len(window_positions(int(rows.lengths[i]), labels, cfg, train=train, rng=rng, annotated=annotated))
     return total
 
 
@@ -641,7 +712,7 @@ def _manifest_classes(root: str) -> int | None:
 
 
 def _collate_fn(keep_ids: bool):
-    """A collate class for iter_torch_batches: uint8/int64 tensors, video ids as a list.
+    """A collate class for iter_torch_batches: uint8 pixels, float32 VA, int64 else, video ids as a list.
 
     The default collate cannot take string columns, and ``dtypes`` cannot be combined with
     a collate_fn, so this one sets the dtypes itself. Without ids its output is a dict of
@@ -663,6 +734,8 @@ def _collate_fn(keep_ids: bool):
                             out[name] = [str(v) for v in value]
                     elif name in ("video", "image"):
                         out[name] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.uint8))
+                    elif name == "va":
+                        out[name] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.float32))
                     else:
                         out[name] = torch.as_tensor(np.ascontiguousarray(value, dtype=np.int64))
             return out
@@ -745,6 +818,11 @@ def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> to
     return batch["labels" if cfg.label == "frames" else "label"].to(device, non_blocking=True)
 
 
+def _va_targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The batch tuple's last element with ``cfg.va`` (valence, arousal [B, 2]); nothing otherwise."""
+    return (batch["va"].to(device, non_blocking=True),) if cfg.va else ()
+
+
 def iter_train_batches(
     shard: Any,
     cfg: DataConfig,
@@ -754,8 +832,10 @@ def iter_train_batches(
     dtype: torch.dtype | None = None,
     *,
     clip_layout: ClipLayout = "BCTHW",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """One training epoch over a dataset shard: (inputs, targets or None) per full batch.
+
+    With ``cfg.va``: (inputs, targets, va), va [B, 2] float32, NaN where unannotated.
 
     Inputs are laid out as :func:`to_model_input` makes them (``clip_layout`` for clips).
 
@@ -776,7 +856,8 @@ def iter_train_batches(
         prefetch_batches=2,
     )
     for batch in batches:
-        yield to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout), _targets(batch, cfg, device)
+        inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)
+        yield inputs, _targets(batch, cfg, device), *_va_targets(batch, cfg, device)
 
 
 def iter_eval_batches(
@@ -787,11 +868,12 @@ def iter_eval_batches(
     dtype: torch.dtype | None = None,
     *,
     clip_layout: ClipLayout = "BCTHW",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
+) -> Iterator[tuple[Any, ...]]:
     """Every evaluation sample once, in arrival order: (inputs, targets or None, meta).
 
     ``meta`` holds ``video_id`` (list of str) and ``frame_index`` (int64 tensor, the
-    centre frame) for per-video metrics and temporal smoothing.
+    centre frame) for per-video metrics and temporal smoothing. With ``cfg.va``:
+    (inputs, targets, meta, va), va [B, 2] float32, NaN where unannotated.
     """
     device = _resolve_device(device)
     batches = ds.iter_torch_batches(
@@ -804,4 +886,4 @@ def iter_eval_batches(
     for batch in batches:
         meta = {"video_id": batch["video_id"], "frame_index": batch["frame_index"]}
         inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)
-        yield inputs, _targets(batch, cfg, device), meta
+        yield inputs, _targets(batch, cfg, device), meta, *_va_targets(batch, cfg, device)

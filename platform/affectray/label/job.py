@@ -150,6 +150,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         smooth_window=config.smooth_window,
         smooth_method=config.smooth_method,
         timelines=config.timelines,
+        va=info.va,
     )
     run_start = time.perf_counter()
     new, stopped, startup = _label(config, todo, settings, finisher, progress) if todo else ([], None, 0.0)

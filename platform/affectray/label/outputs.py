@@ -60,8 +60,8 @@ def prob_column(name: str) -> str:
     return f"prob_{name}"
 
 
-def label_schema(classes: Sequence[str]) -> pa.Schema:
-    """The schema of a per-video label file for a classifier with these classes."""
+def label_schema(classes: Sequence[str], va: bool = False) -> pa.Schema:
+    """The schema of a per-video label file for a classifier with these classes (and a VA head: ``va``)."""
     fields = [
         pa.field("video_uri", pa.string(), nullable=False),
         pa.field("video_key", pa.string(), nullable=False),
@@ -78,6 +78,7 @@ def label_schema(classes: Sequence[str]) -> pa.Schema:
         *[pa.field(prob_column(c), pa.float32()) for c in classes],
         pa.field("label", pa.string()),
         pa.field("label_smoothed", pa.string()),
+        *([pa.field("valence", pa.float32()), pa.field("arousal", pa.float32())] if va else []),
         pa.field("model_id", pa.string(), nullable=False),
     ]
     return pa.schema(fields, metadata={"affectray.schema_version": str(SCHEMA_VERSION)})
@@ -91,7 +92,8 @@ class VideoLabels:
     order: ``face_frame`` [F] (the frame index each face is in), ``boxes`` [F, 4] and
     ``landmarks`` [F, 5, 2] in the video's pixel coordinates (NaN where there was no
     detection, i.e. pre-aligned input), ``scores`` [F], ``probs`` [F, C],
-    ``track_id``, ``label`` and ``label_smoothed`` [F] (class indices).
+    ``track_id``, ``label`` and ``label_smoothed`` [F] (class indices); ``va`` [F, 2]
+    (valence, arousal) for a model with a VA head, else None.
     """
 
     frame_index: np.ndarray
@@ -105,6 +107,7 @@ class VideoLabels:
     track_id: np.ndarray
     label: np.ndarray
     label_smoothed: np.ndarray
+    va: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -161,8 +164,11 @@ def labels_table(video: VideoLabels, *, video_uri: str, key: str, classes: Seque
         columns[prob_column(name)] = face_column(video.probs[:, c], np.float32)
     for column, values in (("label", video.label), ("label_smoothed", video.label_smoothed)):
         columns[column] = pa.array(names[take(values)].tolist(), pa.string(), mask=~has_face)
+    if video.va is not None:
+        columns["valence"] = face_column(video.va[:, 0], np.float32)
+        columns["arousal"] = face_column(video.va[:, 1], np.float32)
     columns["model_id"] = pa.array([model_id] * len(face), pa.string())
-    schema = label_schema(classes)
+    schema = label_schema(classes, va=video.va is not None)
     meta = {**schema.metadata, b"affectray.video_uri": video_uri.encode(), b"affectray.model_id": model_id.encode()}
     return pa.table(columns, schema=schema.with_metadata(meta))
 

@@ -356,8 +356,8 @@ class ClassifyFaces:
 
     Frame models classify every face of a batch of chunks in forward passes of
     ``batch_size``; window models classify along chunk-local tracks, halo
-    included. Either way the chunk leaves with class probabilities for its core
-    frames and without its face crops.
+    included. Either way the chunk leaves with class probabilities (and, for a model
+    with a VA head, valence and arousal) for its core frames and without its face crops.
     """
 
     def __init__(self, checkpoint: str, settings: StageSettings, torch_threads: int = 0):
@@ -378,42 +378,49 @@ class ClassifyFaces:
         clock = _Clock()
         ready = {i: c for i, c in chunks.items() if "error" not in c}
         if self.classifier.preprocessing.mode == "clip":
-            probs = {i: self._classify_tracks(c) for i, c in ready.items()}
+            predicted = {i: self._classify_tracks(c) for i, c in ready.items()}
         else:
-            probs = self._classify_frames(ready)
+            predicted = self._classify_frames(ready)
         faces = sum(len(c["crops"]) for c in ready.values())
         elapsed = clock.lap()
         for i, chunk in ready.items():
             share = len(chunk["crops"]) / faces if faces else 1 / len(ready)
-            chunks[i] = _core_only(chunk, probs[i])
+            chunks[i] = _core_only(chunk, predicted[i])
             _charge(chunks[i], "classify", elapsed, share)
             _ran_here(chunks[i])
         return chunks
 
-    def _classify_frames(self, chunks: dict[int, dict[str, Any]]) -> dict[int, np.ndarray]:
+    def _classify_frames(self, chunks: dict[int, dict[str, Any]]) -> dict[int, dict[str, np.ndarray]]:
+        """Each chunk's ``probs`` [F, C] (and ``va`` [F, 2]), from forward passes over all their faces."""
         order = list(chunks)
         crops = [chunks[i]["crops"] for i in order]
         if not any(len(c) for c in crops):
-            return {i: np.zeros((0, self.classifier.num_classes), np.float32) for i in order}
-        probs = self.classifier.predict_track(np.concatenate(crops), batch_size=self.settings.batch_size)
+            return {i: self._empty(0) for i in order}
+        predicted = self.classifier.predict_track_outputs(np.concatenate(crops), batch_size=self.settings.batch_size)
         bounds = np.cumsum([0] + [len(c) for c in crops])
-        return {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(order)}
+        return {i: {k: v[bounds[j] : bounds[j + 1]] for k, v in predicted.items()} for j, i in enumerate(order)}
 
-    def _classify_tracks(self, chunk: dict[str, Any]) -> np.ndarray:
+    def _empty(self, n: int) -> dict[str, np.ndarray]:
+        out = {"probs": np.zeros((n, self.classifier.num_classes), np.float32)}
+        return {**out, "va": np.zeros((n, 2), np.float32)} if self.classifier.predicts_va else out
+
+    def _classify_tracks(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
         from affectray.faces.tracking import IoUTracker
 
         n = len(chunk["crops"])
-        probs = np.zeros((n, self.classifier.num_classes), np.float32)
+        predicted = self._empty(n)
         if n == 0:
-            return probs
+            return predicted
         if np.isnan(chunk["boxes"]).all():  # aligned frames: one face per frame, one track
             tracks = np.zeros(n, np.int64)
         else:
             tracks = _track_faces(IoUTracker(), chunk["frame_index"][chunk["face_pos"]], chunk["boxes"])
         for track in np.unique(tracks):
             rows = np.nonzero(tracks == track)[0]
-            probs[rows] = self.classifier.predict_track(chunk["crops"][rows], batch_size=self.settings.batch_size)
-        return probs
+            track_out = self.classifier.predict_track_outputs(chunk["crops"][rows], batch_size=self.settings.batch_size)
+            for name, values in track_out.items():
+                predicted[name][rows] = values
+        return predicted
 
 
 class LabelFaces:
@@ -445,10 +452,11 @@ def _packed(batch: dict[str, np.ndarray], chunks: dict[int, dict[str, Any]]) -> 
     return {"key": batch["key"], "part": batch["part"], "payload": np.array(payloads, dtype=object)}
 
 
-def _core_only(chunk: dict[str, Any], probs: np.ndarray) -> dict[str, Any]:
-    """The chunk's own frames and faces, with their probabilities; halo and crops dropped."""
+def _core_only(chunk: dict[str, Any], predicted: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The chunk's own frames and faces, with their probabilities (and VA); halo and crops dropped."""
     frames = _core_mask(chunk)
     faces = frames[chunk["face_pos"]]
+    va = {"va": predicted["va"][faces].astype(np.float32)} if "va" in predicted else {}
     return {
         "frame_index": chunk["frame_index"][frames],  # [T]
         "pts": chunk["pts"][frames],
@@ -457,7 +465,8 @@ def _core_only(chunk: dict[str, Any], probs: np.ndarray) -> dict[str, Any]:
         "boxes": chunk["boxes"][faces],
         "scores": chunk["scores"][faces],
         "landmarks": chunk["landmarks"][faces],
-        "probs": probs[faces].astype(np.float32),
+        "probs": predicted["probs"][faces].astype(np.float32),
+        **va,
         "seconds": chunk.get("seconds", {}),
         "cpu": chunk.get("cpu", {}),
         "nodes": chunk.get("nodes", []),
@@ -517,6 +526,7 @@ class Finisher:
     track_iou: float = 0.3
     track_gap: int = 15
     timelines: bool = True
+    va: bool = False  # the model predicts valence and arousal: the label files get those columns
 
     def __call__(self, video: VideoInput, parts: list[dict[str, Any]], end: dict[str, Any]) -> dict[str, Any]:
         clock = _Clock(thread=True)
@@ -627,4 +637,5 @@ class Finisher:
             track_id=tracks,
             label=probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64),
             label_smoothed=smoothed.argmax(axis=1) if len(probs) else np.zeros(0, np.int64),
+            va=cat("va", (0, 2), np.float32) if self.va else None,
         )

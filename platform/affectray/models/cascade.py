@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, fuse_cascade, to_coarse, to_negative
 from affectray.models.backbones import centred_input, create_backbone, frame_features
-from affectray.models.heads import ClassifierMixin, centre_frame, cross_entropy
+from affectray.models.heads import ClassifierMixin, centre_frame, cross_entropy, va_loss
 from affectray.models.registry import (
     ModelError,
     config_from_kwargs,
@@ -65,18 +65,21 @@ class FrameClassifierConfig:
     backbone: str = "resnet18"
     num_classes: int = 8
     img_size: int | None = None  # for ViT-like backbones with a fixed token grid
+    in_chans: int = 3  # 1 for grey input (data.channels: 1)
     drop_rate: float = 0.0  # dropout on the pooled features, before the head
     drop_path_rate: float = 0.0
     weights_path: str | None = None  # local backbone weights, used at construction only
     weights_strict: bool = True  # False: load only the file's tensors that fit the backbone
+    va_head: bool = False  # also predict valence and arousal in [-1, 1] (ABAW VA): outputs["va"] [B, 2]
 
 
 class FrameClassifier(ClassifierMixin, nn.Module):
-    """One face image -> expression logits. Input [B, 3, H, W]."""
+    """One face image -> expression logits (and, with ``va_head``, valence/arousal). Input [B, 3, H, W]."""
 
     registry_name = "frame"
     input_kind = "frame"
     window = 1
+    classifier = "head"  # the module whose output rows are the classes (timm's name for it)
 
     def __init__(self, cfg: FrameClassifierConfig) -> None:
         super().__init__()
@@ -85,23 +88,54 @@ class FrameClassifier(ClassifierMixin, nn.Module):
         self.backbone, self.num_features = create_backbone(
             cfg.backbone,
             img_size=cfg.img_size,
+            in_chans=cfg.in_chans,
             weights_path=cfg.weights_path,
             weights_strict=cfg.weights_strict,
             drop_path_rate=cfg.drop_path_rate,
         )
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes)
+        self.va_head = nn.Linear(self.num_features, 2) if cfg.va_head else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)  # [B, D]
-        return {"logits": self.head(self.head_drop(feats)), "features": feats}  # [B, C], [B, D]
+        pooled = self.head_drop(feats)
+        outputs = {"logits": self.head(pooled), "features": feats}  # [B, C], [B, D]
+        if self.va_head is not None:
+            outputs["va"] = torch.tanh(self.va_head(pooled))  # [B, 2]: valence, arousal
+        return outputs
+
+    def loss(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        *,
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        va_targets: torch.Tensor | None = None,
+        expression_weight: float = 1.0,
+        va_weight: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy; with ``va_targets`` [B, 2] (NaN = none) joint with ABAW's VA loss.
+
+        expression_weight * CE + va_weight * ((1 - CCC_valence) + (1 - CCC_arousal)), the
+        CCCs over the batch's annotated rows; extras: both terms.
+        """
+        expression, extras = super().loss(
+            outputs, targets, class_weights=class_weights, label_smoothing=label_smoothing
+        )
+        if va_targets is None:
+            return expression, extras
+        va = va_loss(self.valence_arousal(outputs), va_targets)
+        loss = expression_weight * expression + va_weight * va
+        return loss, {**extras, "loss_expression": float(expression.detach()), "loss_va": float(va.detach())}
 
     def describe(self) -> dict[str, Any]:
         # weights_path (and how strictly it loaded) is dropped: a checkpoint carries the trained weights itself.
         return describe_config(self.registry_name, self.cfg, weights_path=None, weights_strict=True)
 
 
-@register_model("frame")
+@register_model("frame", va_head=True)
 def frame_classifier(**kwargs: Any) -> FrameClassifier:
     return FrameClassifier(config_from_kwargs(FrameClassifierConfig, "frame", kwargs))
 
@@ -124,6 +158,8 @@ class SmoothPredictingConfig(FrameClassifierConfig):
             raise ModelError(f"cfc_sp pooling must be 'mean' or 'attention', got {self.pooling!r}")
         if self.fusion not in ("concat", "gate"):
             raise ModelError(f"cfc_sp fusion must be 'concat' or 'gate', got {self.fusion!r}")
+        if self.va_head:
+            raise ModelError("cfc_sp has no valence/arousal head (va_head): the frame family has one")
 
 
 class SmoothPredictingClassifier(ClassifierMixin, nn.Module):

@@ -6,6 +6,10 @@ methods and never look at a family's name or at its output keys. A plain model
 models) inherits them from :class:`ClassifierMixin`; a family whose outputs are
 more than one set of logits overrides them beside its ``forward`` (the CFC
 cascade's stage-wise loss, ESR's per-branch loss, the ensemble's mixed probabilities).
+
+A model with a valence/arousal head (``va_head``, e.g. the frame family's) also returns
+``va`` [B, 2] in [-1, 1]; :func:`va_loss` is ABAW's loss for it, (1 - CCC_valence) +
+(1 - CCC_arousal) over the batch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassifierMixin", "centre_frame", "cross_entropy", "match_targets"]
+__all__ = ["ClassifierMixin", "batch_ccc", "centre_frame", "cross_entropy", "match_targets", "va_loss"]
 
 
 def centre_frame(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,31 @@ def cross_entropy(
     return F.cross_entropy(logits, targets, weight=class_weights, ignore_index=-1, label_smoothing=label_smoothing)
 
 
+def batch_ccc(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Concordance correlation of each column over the rows whose target is finite: [B, K] -> [K].
+
+    Population moments, as ``affectray.metrics.valence_arousal_ccc``. A column with fewer
+    than two annotated rows has no correlation to speak of: it gives 1 (no loss), with a graph.
+    """
+    pred, target = pred.float(), target.float()
+    mask = torch.isfinite(target)  # [B, K]
+    w = mask.float()
+    n = w.sum(0)  # [K]
+    count = n.clamp(min=1.0)
+    t = torch.where(mask, target, torch.zeros_like(target))
+    mean_p, mean_t = (pred * w).sum(0) / count, (t * w).sum(0) / count  # [K]
+    dp, dt = (pred - mean_p) * w, (t - mean_t) * w  # [B, K], 0 on unannotated rows
+    cov = (dp * dt).sum(0) / count
+    var_p, var_t = (dp * dp).sum(0) / count, (dt * dt).sum(0) / count
+    ccc = 2 * cov / (var_p + var_t + (mean_p - mean_t) ** 2 + eps)
+    return torch.where(n >= 2, ccc, torch.ones_like(ccc))
+
+
+def va_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ABAW's valence/arousal loss: (1 - CCC_valence) + (1 - CCC_arousal), pred and target [B, 2] (NaN = none)."""
+    return (1 - batch_ccc(pred, target)).sum()
+
+
 class ClassifierMixin:
     """Loss and probabilities of a model whose ``forward`` returns ``logits`` [B, C] or [B, T, C].
 
@@ -76,6 +105,17 @@ class ClassifierMixin:
         """
         logits, targets = match_targets(outputs["logits"], targets)
         return cross_entropy(logits, targets, class_weights, label_smoothing), {}
+
+    @property
+    def predicts_va(self) -> bool:
+        """Whether ``forward`` also returns ``va`` [B, 2] (valence, arousal): the model has a ``va_head``."""
+        return getattr(self, "va_head", None) is not None
+
+    def valence_arousal(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``forward``'s outputs -> [B, 2] valence and arousal in float32 (a model with a VA head only)."""
+        if "va" not in outputs:
+            raise ValueError(f"{type(self).__name__} has no valence/arousal head: its outputs have no 'va'")
+        return outputs["va"].float()
 
     def probabilities(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``forward``'s outputs -> class probabilities [B, C] in float32 (many-to-many: the centre frame's)."""

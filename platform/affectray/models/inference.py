@@ -9,6 +9,7 @@ classifier carries::
     label_set      {"name": "abaw8" | "cfc_coarse" | ..., "classes": [...]}
     preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std",
                     "channels" (3, or 1: grayscale), "crop" ("aligned" | "box"), "box_margin"}
+    outputs        ["expression"] or ["expression", "va"]: the model also predicts valence and arousal
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
 safetensors weights and knows what input it wants. A URI ``builtin:<name>`` names
@@ -56,6 +57,7 @@ class Classifier:
         if not self.classes:
             self.classes = [f"class_{i}" for i in range(int(getattr(model, "num_classes", 0)))]
         self.label_set_name: str = (meta.get("label_set") or {}).get("name", "")
+        self.predicts_va = bool(getattr(model, "predicts_va", False))  # a valence/arousal head
         self._use_bf16 = self.device.type == "cuda"
 
     @property
@@ -67,12 +69,19 @@ class Classifier:
         pre = self.preprocessing
         return normalise_pixels(x.to(self.device, non_blocking=True), pre.mean, pre.std, pre.channels)
 
-    @torch.inference_mode()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """Model-ready float inputs ([B, C, H, W] or [B, T, C, H, W]) → probabilities [B, classes] on the CPU."""
+        return self.predict_outputs(inputs)["probs"]
+
+    @torch.inference_mode()
+    def predict_outputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model-ready float inputs → ``probs`` [B, classes] and, with a VA head, ``va`` [B, 2], on the CPU."""
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
             outputs = self.model(inputs.to(self.device))
-        return self.model.probabilities(outputs).cpu()
+        out = {"probs": self.model.probabilities(outputs).cpu()}
+        if self.predicts_va:
+            out["va"] = self.model.valence_arousal(outputs).cpu()
+        return out
 
     def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Faces of one track in time order, uint8 RGB [N, S, S, 3] → probabilities [N, C] float32.
@@ -81,10 +90,15 @@ class Classifier:
         the detector's box grown by ``box_margin``); grayscale checkpoints convert them here.
         Faces are resized to the checkpoint's image size when they differ.
         """
+        return self.predict_track_outputs(faces, batch_size)["probs"]
+
+    def predict_track_outputs(self, faces: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """As :meth:`predict_track`: ``probs`` [N, C] and, with a VA head, ``va`` [N, 2] (valence, arousal), float32."""
         faces = self._resize(faces)
         n = len(faces)
         if n == 0:
-            return np.zeros((0, self.num_classes), dtype=np.float32)
+            empty = {"probs": np.zeros((0, self.num_classes), dtype=np.float32)}
+            return {**empty, "va": np.zeros((0, 2), dtype=np.float32)} if self.predicts_va else empty
         pixels = torch.from_numpy(np.ascontiguousarray(faces))
         windows = None
         if self.preprocessing.mode == "clip":
@@ -96,8 +110,8 @@ class Classifier:
             else:
                 index = torch.from_numpy(windows[start : start + batch_size])  # [B, T]
                 batch = self._normalise(pixels[index])  # [B, T, C, H, W]
-            out.append(self.predict(batch))
-        return torch.cat(out).numpy().astype(np.float32)
+            out.append(self.predict_outputs(batch))
+        return {k: torch.cat([o[k] for o in out]).numpy().astype(np.float32) for k in out[0]}
 
     def _resize(self, faces: np.ndarray) -> np.ndarray:
         size = self.preprocessing.image_size
@@ -121,6 +135,14 @@ class ClassifierInfo:
     model_id: str  # the weights' hash
     classes: tuple[str, ...]
     preprocessing: Preprocessing
+    va: bool = False  # the model also predicts valence and arousal
+
+
+def predicts_va(meta: dict[str, Any]) -> bool:
+    """Whether a classifier checkpoint's model has a valence/arousal head (its ``outputs``, else its model kwargs)."""
+    if "outputs" in meta:
+        return "va" in meta["outputs"]
+    return bool(((meta.get("model") or {}).get("kwargs") or {}).get("va_head"))
 
 
 def _checkpoint_location(uri: str) -> str:
@@ -155,7 +177,7 @@ def inspect_classifier(uri: str) -> ClassifierInfo:
     classes = tuple((meta.get("label_set") or {}).get("classes") or ())
     if not classes:
         raise ckpt.CheckpointError(f"{uri!r}: its meta.json names no classes (label_set.classes)")
-    return ClassifierInfo(meta, model_id, classes, Preprocessing.from_meta(meta))
+    return ClassifierInfo(meta, model_id, classes, Preprocessing.from_meta(meta), predicts_va(meta))
 
 
 def load_classifier(uri: str, device: Any = "cpu") -> Classifier:

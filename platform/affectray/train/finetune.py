@@ -20,6 +20,13 @@ macro F1, accuracy, UAR, WAR and ABAW2; the best checkpoint by
 ``eval.metric`` is kept at ``<run>/best_checkpoint``, self-describing, so
 ``affectray evaluate`` and ``affectray label`` take it as it is. The run also
 gets ``metrics.csv`` (every report) and ``confusion.png`` (best checkpoint).
+
+Valence/arousal (ABAW VA): ``loss.va_weight > 0`` gives the model a VA head
+(``va_head``; the frame family has one), reads each sample's valence and arousal
+(``data.va``, NaN = unannotated) and trains expression_weight * CE + va_weight *
+(2 - CCC_valence - CCC_arousal); validation adds ``ccc_valence``, ``ccc_arousal``
+and ``ccc_mean`` (selectable as ``eval.metric``). ``loss.expression_weight: 0``
+trains VA alone, on corpora without expression labels too.
 """
 
 from __future__ import annotations
@@ -39,8 +46,12 @@ from affectray import storage
 from affectray.config import ConfigError, config_to_dict, location
 from affectray.data import shards
 from affectray.data.loaders import DataConfig, build_dataset, class_counts, iter_train_batches, preprocessing_of
-from affectray.labels import ABAW8
+from affectray.ingest.archives import unpacked_source
+from affectray.ingest.job import IngestConfig, run_ingest
+from affectray.labels import ABAW8, LabelSet, remap
 from affectray.models.backbones import apply_state_dict, load_weights_file
+from affectray.models.builtin import builtin_checkpoint
+from affectray.models.inference import BUILTIN_PREFIX
 from affectray.models.registry import ModelConfig, create_model_from_description, model_info
 from affectray.runtime import add_config_job_arguments, run_config_job
 from affectray.train.evaluation import CLASS_VIEWS, evaluate_model, view_targets
@@ -67,7 +78,9 @@ __all__ = [
     "run_finetune",
 ]
 
-SELECTABLE_METRICS = ("f1_macro", "accuracy", "uar", "war", "abaw2")
+SELECTABLE_METRICS = ("f1_macro", "accuracy", "uar", "war", "abaw2", "ccc_valence", "ccc_arousal", "ccc_mean")
+VA_METRICS = ("ccc_valence", "ccc_arousal", "ccc_mean")  # only with loss.va_weight > 0
+Metric = Literal["f1_macro", "accuracy", "uar", "war", "abaw2", "ccc_valence", "ccc_arousal", "ccc_mean"]
 
 
 def _finetune_data() -> DataConfig:
@@ -82,6 +95,10 @@ class LossConfig:
     label_smoothing: float = 0.0
     # ESR's diversity term: set as the model's own diversity_weight argument; None = the model's setting.
     diversity_weight: float | None = None
+    # Valence/arousal: > 0 trains a VA head with ABAW's loss (2 - CCC_valence - CCC_arousal,
+    # batch CCC over annotated rows) beside the expression cross-entropy; 0 = no VA head.
+    va_weight: float = 0.0
+    expression_weight: float = 1.0  # the cross-entropy's weight; 0 with va_weight > 0 trains VA alone
 
 
 @dataclass
@@ -90,7 +107,8 @@ class EvalConfig:
     # (both unset) the whole videos that data.val_fraction holds out of data.root.
     split: str | None = None
     root: str | None = location(None)
-    metric: Literal["f1_macro", "accuracy", "uar", "war", "abaw2"] = "f1_macro"  # picks the best checkpoint
+    # Picks the best checkpoint; ccc_mean (ABAW's VA score) and ccc_* need loss.va_weight > 0.
+    metric: Metric = "f1_macro"
     batch_size: int = 64
     smooth_window: int = 1  # >1: average predictions over this many frames of a video before scoring
 
@@ -98,9 +116,14 @@ class EvalConfig:
 @dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=_finetune_data)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="frame", backbone="resnet18"))
-    # abaw8: the 8 Aff-Wild2 classes; coarse / negative: one CFC-SP stage (5 / 4 classes).
-    class_view: Literal["abaw8", "coarse", "negative"] = "abaw8"
+    # Each family has its own default backbone (frame: resnet18); a YAML `model:` that names
+    # another family (poster_v2, ma_net, fer_minixception: fixed trunks) inherits none.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="frame"))
+    # The classes the head predicts. auto: the data's own label set, as its manifest names it
+    # (basic7 for FER2013, RAF-DB, DFEW, AffectNet-7; affectnet8 with Contempt; abaw8 for
+    # Aff-Wild2 and older manifests). abaw8: the 8 Aff-Wild2 classes; basic7: without Other;
+    # affectnet8: Other named Contempt; coarse / negative: one CFC-SP stage (5 / 4 classes).
+    class_view: Literal["auto", "abaw8", "basic7", "affectnet8", "coarse", "negative"] = "auto"
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Start from: a checkpoint of this platform (pretraining: the video encoder; a classifier:
@@ -116,6 +139,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, epochs=10, checkpoint_every=500))
     run: RunConfig = field(default_factory=lambda: RunConfig(name="finetune"))
     sample_corpus_if_empty: bool = False  # smoke configs: build the sample shards into data.root first
+    # Recipes: ingest jobs run first, each only while its `out` holds no finished corpus (no
+    # manifest; an interrupted one resumes); a `source` may be a tar archive (FER2013's).
+    prepare: list[IngestConfig] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,9 +151,47 @@ class FinetuneConfig:
             raise ConfigError(
                 "no validation data: set data.val_fraction > 0 (held-out videos), eval.split or eval.root"
             )
+        self._check_va()
+
+    def _check_va(self) -> None:
+        """VA training is on with loss.va_weight > 0; then the loader reads VA targets (data.va)."""
+        loss, va = self.loss, self.loss.va_weight > 0
+        if loss.va_weight < 0 or loss.expression_weight < 0:
+            raise ConfigError(f"loss.va_weight={loss.va_weight} and loss.expression_weight={loss.expression_weight}: "
+                              "weights are >= 0")  # fmt: skip
+        if loss.expression_weight == 0 and not va:
+            raise ConfigError("loss.expression_weight=0 and loss.va_weight=0: nothing to train")
+        if self.eval.metric in VA_METRICS and not va:
+            raise ConfigError(f"eval.metric={self.eval.metric!r} scores valence/arousal: set loss.va_weight > 0")
+        if loss.expression_weight == 0 and self.eval.metric not in VA_METRICS:
+            raise ConfigError(f"loss.expression_weight=0 trains valence/arousal alone: eval.metric="
+                              f"{self.eval.metric!r} scores the untrained expression head; use ccc_mean")  # fmt: skip
+        if self.data.va and not va:
+            raise ConfigError("data.va=true reads valence/arousal targets that only loss.va_weight > 0 trains")
+        if va:
+            self.data = dataclasses.replace(self.data, va=True)
 
 
 # --------------------------------------------------------------------------- model + data
+
+
+def dataset_class_view(manifest: dict[str, Any]) -> str:
+    """The class view a shard corpus's own label set asks for (``class_view: auto``).
+
+    The ingest job names it in the manifest (``dataset_label_set``); manifests written
+    before it did are Aff-Wild2-style ABAW8 corpora.
+    """
+    try:
+        return shards.dataset_label_set(manifest)  # basic7, affectnet8 or abaw8: each a class view
+    except storage.StorageError as error:
+        raise ConfigError(f"class_view: auto: {error}") from None
+
+
+def with_class_view(config: FinetuneConfig, manifest: dict[str, Any]) -> FinetuneConfig:
+    """``config`` with ``class_view: auto`` replaced by the data's own view (others are kept)."""
+    if config.class_view != "auto":
+        return config
+    return dataclasses.replace(config, class_view=dataset_class_view(manifest))
 
 
 def model_description(config: FinetuneConfig) -> dict[str, Any]:
@@ -136,16 +200,30 @@ def model_description(config: FinetuneConfig) -> dict[str, Any]:
     What the family registered (``registry.ModelInfo``) decides the rest: a fixed
     class count (the CFC cascade's 8) must be the view's, and a family that
     fine-tuning does not train (the weighted ensemble) is refused here, on the driver.
+    With ``class_view: auto`` (not yet resolved against the data) the class count is
+    left unset and only the family and its arguments are checked.
     """
 
     name, view = config.model.name, config.class_view
-    classes = len(CLASS_VIEWS[view])
     info = model_info(name)  # ModelError for an unknown name
     if info.finetune is not None:
         raise ConfigError(f"model.name={name!r} is not fine-tuned: {info.finetune}")
     kwargs = config.model.to_kwargs()
     if config.loss.diversity_weight is not None:
         kwargs["diversity_weight"] = config.loss.diversity_weight  # the model's argument: its describe() records it
+    if config.loss.va_weight > 0:
+        if not info.va_head:
+            raise ConfigError(
+                f"loss.va_weight={config.loss.va_weight} trains a valence/arousal head, which model.name={name!r} "
+                "does not have: use model.name=frame (or set loss.va_weight=0)"
+            )
+        if kwargs.setdefault("va_head", True) is not True:
+            raise ConfigError("model.extra.va_head=false but loss.va_weight > 0 trains that head: drop one of them")
+    elif kwargs.get("va_head"):
+        raise ConfigError("model.extra.va_head=true needs loss.va_weight > 0 (e.g. 1.0), or the head never trains")
+    if view == "auto":
+        return {"name": name, "kwargs": kwargs}
+    classes = len(CLASS_VIEWS[view])
     if info.num_classes is not None:  # no num_classes argument: the family always predicts its own classes
         if info.num_classes != classes or "num_classes" in kwargs:
             fits = [v for v, labels in CLASS_VIEWS.items() if len(labels) == info.num_classes]
@@ -215,16 +293,48 @@ def class_weights(config: FinetuneConfig, model=None) -> list[float] | None:
     return weights.round(6).tolist()
 
 
-def initialise(model, uri: str, strict: bool = True) -> dict[str, Any]:
+def classes_in_order(
+    model, state: dict[str, torch.Tensor], meta: dict[str, Any], classes: LabelSet | None, *, uri: str, strict: bool
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A classifier checkpoint's state with its output rows put in the run's class order.
+
+    The built-in FER2013 model predicts Anger .. Surprise, Neutral; a basic7 run wants
+    Neutral first. Rows of the model's ``classifier`` module (``head``, as timm names
+    it) are matched by class name. Classes the run has and the checkpoint lacks: an
+    error, or with ``init_strict: false`` a fresh head. Returns (state, what was done).
+    """
+    if classes is None or not meta.get("label_set"):
+        return state, None
+    source = LabelSet.from_dict(meta["label_set"])
+    if source.classes == classes.classes:
+        return state, None
+    rows = remap(np.arange(len(classes)), classes, source)  # run class i -> its row in the checkpoint
+    head = getattr(model, "classifier", None)
+    keys = [k for k in (f"{head}.weight", f"{head}.bias") if k in state] if head else []
+    if (rows >= 0).all() and keys:
+        index = torch.as_tensor(rows)
+        return {**state, **{k: state[k][index] for k in keys}}, f"head rows reordered from {source.name}"
+    reason = f"{uri} predicts {list(source.classes)}, the run {list(classes.classes)}" + (
+        "" if keys else f", and {type(model).__name__} names no classifier module to reorder"
+    )
+    if strict:
+        raise ConfigError(f"{reason}: set init_strict: false to start from its other weights with a fresh head")
+    return {k: v for k, v in state.items() if not (head and k.startswith(f"{head}."))}, f"fresh head ({reason})"
+
+
+def initialise(model, uri: str, strict: bool = True, classes: LabelSet | None = None) -> dict[str, Any]:
     """Load starting weights into a fresh model (see FinetuneConfig.init and init_strict).
 
     Returns what the job summary records: ``{"uri", "kind", "loaded", "of", "strict"}``,
     ``loaded`` of the model's ``of`` tensors. Raises WeightsMismatchError (a user error
     naming the keys) when ``strict`` and the weights do not fit exactly, and whenever
-    nothing fits.
+    nothing fits. ``classes``: the run's label set; a classifier checkpoint's head is put
+    in its order by class name (:func:`classes_in_order`).
     """
 
     total = len(model.state_dict())
+    if uri.startswith(BUILTIN_PREFIX):  # a packaged model's converted checkpoint (converted once, then cached)
+        uri = str(builtin_checkpoint(uri.removeprefix(BUILTIN_PREFIX)))
     if not storage.exists(storage.join(uri, ckpt.META_FILE)):
         fit = load_weights_file(model, uri, strict=strict, opt_out="init_strict: false")
         kind = "file"
@@ -239,8 +349,11 @@ def initialise(model, uri: str, strict: bool = True) -> dict[str, Any]:
             loaded = len(encoder.state_dict())
             logger.info("initialised the video encoder, %d of the model's %d tensors, from %s", loaded, total, uri)
             return {"uri": uri, "kind": "pretrain", "loaded": loaded, "of": total, "strict": "encoder"}
+        state, head = classes_in_order(model, state, meta, classes, uri=uri, strict=strict)
         fit = apply_state_dict(model, state, source=uri, strict=strict, opt_out="init_strict: false")
         kind = "checkpoint"
+        if head:
+            logger.info("init %s: %s", uri, head)
     logger.info("initialised %d of %d tensors from %s (init_strict: %s)", len(fit.loaded), total, uri, strict)
     return {"uri": uri, "kind": kind, "loaded": len(fit.loaded), "of": total, "strict": strict}
 
@@ -260,6 +373,8 @@ class ClassifierTask:
         weights: list[float] | None,
         manifest: dict[str, Any] | None = None,
     ) -> None:
+        if config.class_view not in CLASS_VIEWS:
+            raise ConfigError(f"class_view={config.class_view!r}: resolve it against the data first (with_class_view)")
         self.config = config
         self.description = description
         self.weights = weights
@@ -271,7 +386,7 @@ class ClassifierTask:
     def build_model(self):
         model = create_model_from_description(self.description)
         if self.config.init:
-            initialise(model, self.config.init, self.config.init_strict)
+            initialise(model, self.config.init, self.config.init_strict, CLASS_VIEWS[self.config.class_view])
         # Checkpoints describe the model as built, not as configured: describe() leaves out
         # construction-time weight files (driver-local paths a label actor could not open);
         # the checkpoint carries the trained weights itself.
@@ -289,20 +404,28 @@ class ClassifierTask:
 
         data, batch_size = self.config.data, self.config.train.batch_size
         # Classifiers take clips as windows of frames [B, T, C, H, W], straight from the loader.
-        for inputs, targets in iter_train_batches(shard, data, batch_size, epoch, device, clip_layout="BTCHW"):
-            yield inputs, view_targets(targets, self.config.class_view)
+        # With data.va the loader adds the VA targets [B, 2] as a last element: passed on as they are.
+        for inputs, targets, *va in iter_train_batches(shard, data, batch_size, epoch, device, clip_layout="BTCHW"):
+            yield inputs, view_targets(targets, self.config.class_view), *va
 
     def batch_size_of(self, batch) -> int:
         return int(batch[0].shape[0])
 
     # -- loss
     def loss(self, model, batch):
-        inputs, targets = batch
+        inputs, targets, *va = batch
         outputs = model(inputs)  # through the DDP wrapper, so gradients synchronise
         weights = torch.tensor(self.weights, device=inputs.device) if self.weights else None
+        loss = self.config.loss
+        # VA targets come only with loss.va_weight > 0, for a model with a VA head (model_description).
+        va_terms = (
+            {"va_targets": va[0], "expression_weight": loss.expression_weight, "va_weight": loss.va_weight}
+            if va
+            else {}
+        )
         # The bare model owns its loss (models/heads.py): the cascade's stages, ESR's branches, ...
         return ckpt.unwrap(model).loss(
-            outputs, targets, class_weights=weights, label_smoothing=self.config.loss.label_smoothing
+            outputs, targets, class_weights=weights, label_smoothing=loss.label_smoothing, **va_terms
         )
 
     # -- evaluation and checkpoints
@@ -319,7 +442,9 @@ class ClassifierTask:
             smooth_window=self.config.eval.smooth_window,
         )
         self.last_eval = result.metrics
-        return {f"val_{k}": float(result.metrics[k]) for k in (*SELECTABLE_METRICS, "count")}
+        # Expression figures need labelled rows (a VA-only corpus has none), VA figures a VA head.
+        keys = (*SELECTABLE_METRICS, "count", "va_count")
+        return {f"val_{k}": float(result.metrics[k]) for k in keys if k in result.metrics}
 
     def score(self, metrics: dict[str, float]) -> float | None:
         return metrics.get(f"val_{self.config.eval.metric}")
@@ -335,6 +460,8 @@ class ClassifierTask:
             "model": self.built_description,
             "label_set": CLASS_VIEWS[self.config.class_view].to_dict(),
             "class_view": self.config.class_view,
+            # What the model predicts: "va" = valence and arousal (a VA head: loss.va_weight > 0).
+            "outputs": ["expression", "va"] if self.config.loss.va_weight > 0 else ["expression"],
             "preprocessing": preprocessing_of(data).to_dict(),
             # What validation read, so `affectray evaluate` can score the same frames again.
             "validation": {
@@ -352,6 +479,20 @@ class ClassifierTask:
 # --------------------------------------------------------------------------- driver
 
 
+def prepare_data(jobs: list[IngestConfig]) -> list[dict[str, Any]]:
+    """Run the recipe's ingest jobs whose output holds no finished corpus; their summaries."""
+    done = []
+    for job in jobs:
+        if storage.exists(storage.join(job.out, shards.MANIFEST_NAME)):
+            logger.info("%s already holds an ingested corpus: not ingesting %s again", job.out, job.source)
+            continue
+        logger.info("ingesting %s into %s (%s)", job.source, job.out, job.layout)
+        with unpacked_source(job.source) as source:
+            summary = run_ingest(dataclasses.replace(job, source=source))
+        done.append({"source": job.source, "out": job.out, "rows": summary["rows"], "failed": summary["failed"]})
+    return done
+
+
 def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune on Ray Train; returns the job summary (metrics of the best checkpoint and its URI).
 
@@ -360,14 +501,20 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     from affectray.sample.shards import ensure_sample_shards
 
     start = time.perf_counter()
-    description = model_description(config)  # before any work: a config mistake fails at once
+    early = model_description(config)  # before any work (ingest, Ray): a config mistake fails at once
+    if config.class_view == "auto":  # the class count waits for the data; the family's arguments need not
+        create_model_from_description(early)
     if config.sample_corpus_if_empty:
         ensure_sample_shards(config.data.root, image_size=config.data.image_size, seed=config.seed)
+    prepared = prepare_data(config.prepare)
     manifest = shards.read_manifest(config.data.root)
+    config = with_class_view(config, manifest)
+    description = model_description(config)
     probe = create_model_from_description(description)  # fails here, on the driver, for a bad model config
     check_geometry(probe, config.data)
     # Init weights that do not fit fail here too; the summary records how many tensors loaded.
-    init = initialise(probe, config.init, config.init_strict) if config.init else None
+    classes = CLASS_VIEWS[config.class_view]
+    init = initialise(probe, config.init, config.init_strict, classes) if config.init else None
     num_params = sum(p.numel() for p in probe.parameters())
     weights = class_weights(config, probe)
     del probe
@@ -390,10 +537,13 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     confusion_png = storage.join(run_uri, "confusion.png")
     from affectray.report import confusion_matrix_png
 
-    confusion_matrix_png(
-        metrics["confusion"], metrics["classes"], confusion_png,
-        title=f"{config.run.name}: step {best['step']}, {config.eval.metric} {metrics[config.eval.metric]:.3f}",
-    )  # fmt: skip
+    if "confusion" in metrics:  # a VA-only corpus has no expression labels to confuse
+        confusion_matrix_png(
+            metrics["confusion"], metrics["classes"], confusion_png,
+            title=f"{config.run.name}: step {best['step']}, {config.eval.metric} {metrics[config.eval.metric]:.3f}",
+        )  # fmt: skip
+    else:
+        confusion_png = None
     last = result.metrics or {}
     return {
         "job": "finetune",
@@ -409,6 +559,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
         "resumed_from_step": last.get("resumed_from_step", 0),
         "class_weights": weights,
         "init": init,
+        "prepared": prepared,
         "best_step": best["step"],
         "metric": config.eval.metric,
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},
