@@ -516,13 +516,18 @@ def _image_chunks(
     from_list: bool = False,
     with_va: bool = False,
 ) -> list[WorkUnit]:
-    """Cut one split's images (sorted by path) into units of ``images_per_unit``.
+    """Cut one split's images into units of ``images_per_unit``, in a stable shuffled order.
+
+    Image folders list one class after another; chunks in path order would each hold
+    one class, and a training reader's local shuffle buffer (a few batches) would feed
+    the model one class at a time. Ordering by a hash of the path mixes the classes in
+    every chunk, the same way on every run (unit keys stay stable).
 
     ``from_list``: labels, boxes and valence/arousal come from a list file, not from
     the path, so they are hashed into the key too. ``with_va``: the units carry
     valence and arousal. Boxes are carried when every image has one.
     """
-    images = sorted(images)
+    images = sorted(images, key=lambda image: (hashlib.sha256(image.rel.encode()).hexdigest(), image.rel))
     base = split_name or "images"
     boxed = bool(images) and all(image.box is not None for image in images)
     units = []
