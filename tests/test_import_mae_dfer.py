@@ -415,3 +415,22 @@ def test_evaluate_scores_the_imported_model_on_shards(dfew_file, sample_shards, 
     assert evaluated["classes"] == DFEW and evaluated["num_classes"] == 7
     assert evaluated["metrics"]["count"] > 0
     assert np.array(evaluated["metrics"]["confusion"]).shape == (7, 7)
+
+
+@pytest.mark.slow  # the label job on a local Ray
+def test_the_imported_checkpoint_labels_a_real_video(dfew_file, ray_session, real_video, tmp_path):
+    import pyarrow.parquet as pq
+
+    from affectray.label.job import LabelConfig, run_label
+
+    _, path = dfew_file
+    run_import(path, tmp_path / "ckpt")
+    summary = run_label(
+        LabelConfig(videos=str(real_video), out=str(tmp_path / "labels"), checkpoint=str(tmp_path / "ckpt")),
+        progress=False,
+    )
+    assert summary["ok"] == 1 and summary["faces"] == 72  # every frame's face, each through its 16-frame window
+    (parquet,) = (tmp_path / "labels" / "labels").glob("*.parquet")
+    rows = pq.read_table(parquet).to_pandas()
+    assert set(rows.filter(like="prob_").columns) == {f"prob_{c}" for c in DFEW}
+    assert np.allclose(rows.filter(like="prob_").sum(axis=1), 1.0, atol=1e-4)

@@ -11,6 +11,7 @@ statistics too) moved off its initialisation, so a wrong mapping shows.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
@@ -412,3 +413,19 @@ def test_recorders_with_numpy_arrays_are_read_as_data(tmp_path):
     save_published({"recorder": np.array([recorder], dtype=object)}, tmp_path / "objects.pth")
     with pytest.raises(UnsafePickleError, match="dtype"):
         read_pickle(tmp_path / "objects.pth")
+
+
+def test_the_imported_checkpoint_labels_a_real_video(raf_db_file, real_video, tmp_path, capsys):
+    """predict (the label job's classifier, without Ray) on three frames of the real face video."""
+    from affectray import cli
+
+    run_import(raf_db_file, tmp_path / "ckpt", "--format", "poster-v2")
+    code = cli.main(["predict", str(real_video), "--checkpoint", str(tmp_path / "ckpt"), "--every", "24", "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    faces = summary["inputs"][0]["faces"]
+    assert code == 0 and len(faces) == 3  # frames 0, 24, 48: one face each
+    assert all(face["label"] in RAF_DB_ABAW for face in faces)
+    assert all(abs(sum(face["probs"].values()) - 1) < 1e-3 for face in faces)
+
+
+RAF_DB_ABAW = {"Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"}
