@@ -10,6 +10,7 @@ and valence/arousal, DFEW's frame order, and the manifest's dataset label set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -24,10 +25,14 @@ import pytest
 
 from affectray import storage
 from affectray.data import shards
+from affectray.data.loaders import build_dataset, iter_train_batches
 from affectray.faces.jpeg import decode_jpeg
 from affectray.ingest import job as ingest
 from affectray.ingest.sources import SourceError, WorkUnit, list_units
 from affectray.labels import ABAW8
+from affectray.models.registry import ModelConfig
+from affectray.train import evaluation
+from affectray.train.finetune import ClassifierTask, FinetuneConfig, model_description, with_class_view
 
 A = {name: i for i, name in enumerate(ABAW8.classes)}  # ABAW8 name -> index
 SIZE = 32  # px: the crops the ingest runs write
@@ -361,6 +366,38 @@ def test_ingest_help_names_the_layouts_and_fold():
 # ---------------------------------------------------------------------------
 
 
+def trains_on(root: Path, label: str = "center") -> tuple[list[str], list[float]]:
+    """Fine-tuning's task on the ingested corpus: the head the manifest sizes, and its losses fitting a batch.
+
+    The task, the loader and the optimiser step are the fine-tuning job's (Ray Data reads the
+    shards); only Ray Train's worker start is left out (tests/test_finetune.py runs that).
+    """
+    import torch
+
+    data = dataclasses.replace(
+        FinetuneConfig().data, root=str(root), image_size=SIZE, label=label, val_fraction=0.5, scale=(0.9, 1.0)
+    )
+    config = FinetuneConfig(data=data, model=ModelConfig(name="frame", backbone="test_resnet"))
+    config = with_class_view(config, shards.read_manifest(str(root)))
+    task = ClassifierTask(config, model_description(config), None)
+    torch.manual_seed(0)
+    model = task.build_model()
+    every_row = dataclasses.replace(data, val_fraction=0.0)  # a few rows: fit them all
+    batches = iter_train_batches(build_dataset(every_row, train=True), every_row, 4, 0, "cpu", clip_layout="BTCHW")
+    inputs, targets = next(iter(batches))
+    targets = evaluation.view_targets(targets, config.class_view)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, _ = task.loss(model, (inputs, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert model.head.out_features == len(evaluation.CLASS_VIEWS[config.class_view])
+    return list(evaluation.CLASS_VIEWS[config.class_view].classes), losses
+
+
 def test_ingest_rafdb(ray_session, rafdb, tmp_path):
     out = tmp_path / "shards"
     summary = ingest_cli(str(rafdb), str(out), "--layout", "rafdb")
@@ -375,6 +412,8 @@ def test_ingest_rafdb(ray_session, rafdb, tmp_path):
     assert shards.dataset_label_set(manifest) == "basic7" and manifest["label_set"] == ABAW8.to_dict()
     assert manifest["splits"] == ["test", "train"] and manifest["labels"]["Happiness"] == 2
     assert sum(f["status"] == "refused" for f in manifest["failures"]) == 4
+    classes, losses = trains_on(out)  # RAF-DB's seven classes: a 7-way head
+    assert classes == list(ABAW8.classes[:7]) and losses[-1] < 0.5 * losses[0], losses
 
 
 def test_ingest_affectnet_crops_by_the_box_and_keeps_va(ray_session, affectnet, tmp_path):
@@ -406,6 +445,8 @@ def test_ingest_affectnet_crops_by_the_box_and_keeps_va(ray_session, affectnet, 
     assert manifest["splits"] == ["train", "val"]
     refused = [f["reason"] for f in manifest["failures"] if f["status"] == "refused"]
     assert any("2 rows of expression 10 (Non-Face)" in r for r in refused) and len(refused) == 5
+    classes, losses = trains_on(out)  # AffectNet-8: 8 classes, the eighth Contempt
+    assert classes[-1] == "Contempt" and len(classes) == 8 and losses[-1] < 0.5 * losses[0], losses
 
 
 def test_ingest_dfew_fold_and_maedfer_lists(ray_session, dfew, maedfer_lists, tmp_path):
@@ -433,3 +474,5 @@ def test_ingest_dfew_fold_and_maedfer_lists(ray_session, dfew, maedfer_lists, tm
         manifest = shards.read_manifest(str(out))
         assert shards.dataset_label_set(manifest) == "basic7" and manifest["fold"] == 1
         assert manifest["clip_labels"]["Happiness"] == 1 and manifest["clip_labels"]["Fear"] == 1
+    classes, losses = trains_on(out, label="clip")  # frames labelled by their clip, DFEW's 7 classes
+    assert len(classes) == 7 and losses[-1] < 0.5 * losses[0], losses
