@@ -147,14 +147,13 @@ def test_init_from_a_classifier_checkpoint_with_another_head(source, tmp_path):
 def test_init_strict_is_a_config_setting_the_task_obeys(source, tmp_path):
     state = dict(source.state_dict(), **{"head.weight": torch.zeros(5, 96), "head.bias": torch.zeros(5)})
     path = save(state, tmp_path / "w.safetensors")
-    config = load_config(FinetuneConfig, None, ["data.root=unused", f"init={path}", "model.backbone=test_resnet"])
+    settings = ["data.root=unused", f"init={path}", "model.backbone=test_resnet", "class_view=abaw8"]
+    config = load_config(FinetuneConfig, None, settings)
     assert config.init_strict is True
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=32))
     with pytest.raises(WeightsMismatchError, match="set init_strict: false"):
         ClassifierTask(config, model_description(config), None).build_model()
-    loose = load_config(
-        FinetuneConfig, None, ["data.root=unused", f"init={path}", "model.backbone=test_resnet", "init_strict=false"]
-    )
+    loose = load_config(FinetuneConfig, None, [*settings, "init_strict=false"])
     assert loose.init_strict is False
     model = ClassifierTask(loose, model_description(loose), None).build_model()
     assert same(model, source, [k for k in source.state_dict() if k.startswith("backbone.")])
