@@ -32,7 +32,8 @@ def test_canonical_orders():
     assert CFC_NEGATIVE.classes == ("Anger", "Disgust", "Fear", "Sadness")
     assert [len(s) for s in (ABAW8, BASIC7, CFC_COARSE, CFC_NEGATIVE)] == [8, 7, 5, 4]
     assert get_label_set("cfc_coarse") is CFC_COARSE
-    assert set(LABEL_SETS) == {"abaw8", "basic7", "cfc_coarse", "cfc_negative"}
+    assert set(LABEL_SETS) == {"abaw8", "basic7", "affectnet8", "cfc_coarse", "cfc_negative"}
+    assert LABEL_SETS["affectnet8"].classes == (*BASIC7.classes, "Contempt")  # Contempt: stored as Other
 
 
 def test_label_set_index_and_checkpoint_round_trip():

@@ -229,9 +229,8 @@ def test_models_verb_lists_builtins_and_families(cache, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert summary["job"] == "models" and [b["name"] for b in summary["builtins"]] == ["fer-minixception"]
     assert summary["builtins"][0]["cached"] is None and "builtin:fer-minixception" in out
-    assert summary["families"] == [
-        {"name": "fer_minixception", "finetune": False, "note": summary["families"][0]["note"]}
-    ]
+    # Fine-tuned from its published weights by jobs/configs/finetune-fer2013.yaml.
+    assert summary["families"] == [{"name": "fer_minixception", "finetune": True, "note": ""}]
     summary = builtin.main(_args(convert=["fer-minixception"]))
     assert summary["builtins"][0]["cached"].startswith(str(cache))
 
