@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from typing import Any
 import torch
 
 from affectray import checkpoints as ckpt
-from affectray import storage
+from affectray.importers.output import write_imported
 from affectray.importers.pickles import (
     ForeignCheckpointError,
     Placeholder,
@@ -285,26 +283,8 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """Convert the HSEmotion file ``path`` into a classifier checkpoint at ``out`` (a path or s3:// URI).
 
-    The checkpoint is written whole beside the target and swapped in
-    (``checkpoints.publish``), so a reader never sees half of one. Returns what the
-    job summary records.
+    Written whole and swapped in (:func:`~affectray.importers.output.write_imported`);
+    returns what the job summary records.
     """
     model, meta = convert(path, classes=classes, box_margin=box_margin)
-    target = out if storage.is_remote(out) else str(Path(out.removeprefix("file://")).expanduser().resolve())
-    staging = Path(tempfile.mkdtemp(prefix="affectray-import-"))
-    try:
-        ckpt.save_checkpoint(staging, model, meta)
-        ckpt.publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "checkpoint": target,
-        "format": FORMAT,
-        "model": meta["model"],
-        "classes": meta["label_set"]["classes"],
-        "label_set": meta["label_set"]["name"],
-        "tensors": meta["source"]["tensors"],
-        "architecture": meta["source"]["architecture"],
-        "image_size": meta["preprocessing"]["image_size"],
-        "sha256": meta["source"]["sha256"],
-    }
+    return write_imported(model, meta, out, format=FORMAT)

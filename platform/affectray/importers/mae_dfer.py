@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,7 @@ from typing import Any
 import torch
 
 from affectray import checkpoints as ckpt
-from affectray import storage
+from affectray.importers.output import write_imported
 from affectray.importers.pickles import ForeignCheckpointError, Placeholder, describe, read_pickle
 from affectray.labels import DATASET_CLASS_NAMES, LabelSet, canonical_class_name
 
@@ -548,31 +546,12 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """Convert the MAE-DFER file ``path`` into a checkpoint at ``out`` (a path or s3:// URI).
 
-    The checkpoint is written whole beside the target and swapped in
-    (``checkpoints.publish``), so a reader never sees half of one. Returns what the
-    job summary records.
+    Written whole and swapped in (:func:`~affectray.importers.output.write_imported`);
+    returns what the job summary records.
     """
     model, meta = convert(path, classes=classes, box_margin=box_margin)
-    target = out if storage.is_remote(out) else str(Path(out.removeprefix("file://")).expanduser().resolve())
-    staging = Path(tempfile.mkdtemp(prefix="affectray-import-"))
-    try:
-        ckpt.save_checkpoint(staging, model, meta)
-        ckpt.publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    summary = {
-        "checkpoint": target,
-        "format": FORMAT,
-        "kind": meta["kind"],
-        "model": meta["model"],
-        "classes": (meta.get("label_set") or {}).get("classes", []),
-        "label_set": (meta.get("label_set") or {}).get("name"),
-        "tensors": meta["source"]["tensors"],
-        "architecture": meta["source"]["architecture"],
-        "image_size": meta["preprocessing"]["image_size"],
-        "num_frames": meta["preprocessing"]["num_frames"],
-        "sha256": meta["source"]["sha256"],
-    }
+    summary = write_imported(model, meta, out, format=FORMAT)
+    summary.update(kind=meta["kind"], num_frames=meta["preprocessing"]["num_frames"])
     if "finetune_model" in meta:
         summary["finetune_model"] = meta["finetune_model"]
     return summary
