@@ -283,6 +283,22 @@ def test_runtime_env_ships_the_package_and_no_credentials():
     assert not CREDENTIAL_NAMES.search(RUNTIME_ENV.read_text().split("\nworking_dir:")[1])
 
 
+def test_working_dir_upload_keeps_every_tracked_file():
+    """Ray leaves what .gitignore matches out of a job's working_dir: an unanchored `sample/`
+    once dropped `platform/affectray/sample/` from every `ray job submit` while git still
+    tracked it (the jobs failed on the cluster, never locally)."""
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "ls-files", "--cached", "--ignored", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert ignored == [], f".gitignore matches tracked files Ray would not upload: {ignored[:10]}"
+
+
 def test_no_credentials_anywhere_in_cluster_files():
     for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file()):
         text = path.read_text()
