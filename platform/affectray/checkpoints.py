@@ -52,6 +52,10 @@ class Preprocessing:
     channels: int = 3  # 3: RGB; 1: grayscale (RGB faces are converted as cv2's RGB2GRAY does)
     crop: str = "aligned"  # "aligned": 5-point-aligned faces; "box": the detector's box grown by box_margin
     box_margin: float = 0.0  # "box" crops: the square box's side times (1 + box_margin) (faces.align.square_boxes)
+    # Test-time flip: predictions average each face's and its mirror image's (FER2013 recipes
+    # score this way). Inference and evaluation both honour it, so the label job sees what
+    # the validation score measured.
+    test_flip: bool = False
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -78,6 +82,7 @@ class Preprocessing:
             channels=int(p.get("channels", 3)),
             crop=str(p.get("crop", "aligned")),
             box_margin=float(p.get("box_margin", 0.0)),
+            test_flip=bool(p.get("test_flip", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +130,7 @@ def open_checkpoint(uri: str) -> Iterator[Path]:
         path = Path(uri.removeprefix("file://"))
         if not (path / META_FILE).exists():
             raise CheckpointError(f"{uri!r} is not an affectray checkpoint: no {META_FILE}")
+        verify_checkpoint(str(path))
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="affectray-ckpt-") as tmp:
@@ -132,6 +138,7 @@ def open_checkpoint(uri: str) -> Iterator[Path]:
         present = {u.rsplit("/", 1)[-1] for u in storage.list_files(uri)}
         if META_FILE not in present or WEIGHTS_FILE not in present:
             raise CheckpointError(f"{uri!r} is not an affectray checkpoint: found {sorted(present)}")
+        verify_checkpoint(uri)  # headers only: a damaged file is named by its URI, before the download
         for name in names:
             if name in present:
                 Path(tmp, name).write_bytes(storage.read_bytes(storage.join(uri, name)))
@@ -175,13 +182,100 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(directory, META_FILE).read_text())
+    path = Path(directory, META_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.fspath(directory)!r} is not an affectray checkpoint: no {META_FILE}") from None
+    return _parse_meta(text, str(path))
 
 
 def load_weights(directory: str | os.PathLike) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(Path(directory, WEIGHTS_FILE)))
+    path = Path(directory, WEIGHTS_FILE)
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.fspath(directory)!r} is not an affectray checkpoint: no {WEIGHTS_FILE}") from None
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a whole safetensors file ({error})") from None
+
+
+def verify_checkpoint(uri: str, train_state: bool = False) -> dict[str, Any]:
+    """The meta.json of the checkpoint at ``uri`` (a local folder or s3://), once its files are known whole.
+
+    Whole: meta.json is a JSON object, the weights a safetensors file that ends where its
+    header says, and (``train_state``) train_state.pt a zip with its central directory (as
+    torch.save writes it last). Only headers and tails are read, never the tensors, so a
+    truncated upload or a file that is not ours is a CheckpointError naming the file, in a
+    second, instead of a SafetensorError or a JSONDecodeError deep inside a job.
+    """
+    meta_uri = storage.join(uri, META_FILE)
+    meta = _parse_meta(_read_checkpoint_file(meta_uri).decode("utf-8", errors="replace"), meta_uri)
+    _check_safetensors(storage.join(uri, WEIGHTS_FILE))
+    if train_state:
+        _check_zip(storage.join(uri, STATE_FILE))
+    return meta
+
+
+def _parse_meta(text: str, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{where} is not JSON ({error}): the checkpoint is damaged or not ours") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} holds a JSON {type(meta).__name__}, not an object: not a checkpoint's meta")
+    return meta
+
+
+def _read_checkpoint_file(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except storage.StorageError as error:
+        raise CheckpointError(f"incomplete checkpoint: {error}") from None
+
+
+# The safetensors format: an 8-byte little-endian header length, a JSON header giving every
+# tensor's [begin, end) in the data that follows, then the data. The library refuses larger headers.
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _check_safetensors(uri: str) -> None:
+    try:
+        with storage.open_input(uri) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+                raise CheckpointError(f"{uri} is not a safetensors file ({size} bytes, no valid header)")
+            header = json.loads(f.read(length))
+    except storage.StorageError as error:
+        raise CheckpointError(f"incomplete checkpoint: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{uri} is not a safetensors file (its header is not JSON)") from None
+    try:
+        data = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise CheckpointError(f"{uri} is not a safetensors file (its header lists no tensor offsets)") from None
+    expected = 8 + length + data
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise CheckpointError(f"{uri} is {state}: {size} bytes, its header says {expected}")
+
+
+def _check_zip(uri: str) -> None:
+    import zipfile
+
+    try:
+        with storage.open_input(uri) as f, zipfile.ZipFile(f):
+            pass  # opening reads the central directory, written at the very end
+    except storage.StorageError as error:
+        raise CheckpointError(f"incomplete checkpoint: {error}") from None
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"{uri} is not a whole torch.save file ({error})") from None
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:

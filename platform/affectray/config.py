@@ -32,13 +32,17 @@ from affectray.errors import AffectrayError
 
 __all__ = [
     "ConfigError",
+    "FieldError",
     "add_config_arguments",
+    "at_least",
+    "check_fields",
     "config_from_args",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
     "parse_override",
+    "positive",
     "print_config",
     "save_config",
     "update_config",
@@ -55,6 +59,39 @@ _YAML_BOOL_WORDS = {True: ("yes", "true", "on", "y"), False: ("no", "false", "of
 
 class ConfigError(AffectrayError, ValueError):
     """A config that does not fit its dataclasses: unknown key, wrong type, missing value."""
+
+
+class FieldError(ConfigError):
+    """A value of the right type that cannot work (``checkpoint_every: 0``), raised by a section's ``__post_init__``.
+
+    It names the field within its section; the loader names it by its full dotted key
+    (``train.checkpoint_every=0: must be at least 1``).
+    """
+
+    def __init__(self, name: str, value: Any, why: str):
+        super().__init__(f"{name}={value!r}: {why}")
+        self.name, self.value, self.why = name, value, why
+
+    def under(self, prefix: str) -> FieldError:
+        return FieldError(_join(prefix, self.name), self.value, self.why)
+
+
+def check_fields(section: Any, rules: Mapping[str, tuple[Any, str]]) -> None:
+    """Raise FieldError for the first field of ``section`` that fails its rule: {name: (test, why)}."""
+    for name, (test, why) in rules.items():
+        value = getattr(section, name)
+        if not test(value):
+            raise FieldError(name, value, why)
+
+
+def at_least(low: float) -> Any:
+    """A check_fields test: the value (None passes: left unset) is at least ``low``."""
+    return lambda value: value is None or value >= low
+
+
+def positive(value: float | None) -> bool:
+    """A check_fields test: the value (None passes: left unset) is above zero."""
+    return value is None or value > 0
 
 
 class _Loader(yaml.SafeLoader):
@@ -358,6 +395,8 @@ def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
                 raise ConfigError(f"missing required value: {key}")
     try:
         return cls(**kwargs)
+    except FieldError as error:
+        raise error.under(prefix) from None
     except ConfigError:
         raise
     except ValueError as error:  # __post_init__ validation

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from affectray.errors import AffectrayError
+from affectray.errors import AffectrayError, JobError
 
 logger = logging.getLogger("affectray")
 
@@ -24,8 +29,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Connect to the cluster if there is one, else start a local Ray sized for the pipelines.
 
     ``address`` (or RAY_ADDRESS, which ``ray job submit`` sets for the driver)
-    joins an existing cluster; otherwise a local instance starts with at least
-    MIN_LOCAL_CPUS logical CPUs and no dashboard.
+    joins an existing cluster; otherwise a local instance of this process's own
+    starts, with at least MIN_LOCAL_CPUS logical CPUs, no dashboard, and every
+    port on the loopback interface (``_loopback_only``).
     """
     import ray
 
@@ -36,8 +42,62 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address)
     else:
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        # address="local": without it Ray joins a `ray start` instance of this machine, which
+        # refuses num_cpus; the platform's promise is a local Ray of its own.
+        with _loopback_only():
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     return ray
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Inside: a Ray started here takes 127.0.0.1 as its node address, so it listens on loopback alone.
+
+    Ray binds GCS, raylet, object manager, core workers, agents and both Prometheus
+    endpoints to every interface unless the node address is a loopback one, and
+    ``ray.init(_node_ip_address="127.0.0.1")`` swaps that for the machine's address.
+    Ray's own switch for machines that host no cluster (``ENABLE_RAY_CLUSTER``, off on macOS
+    and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) picks loopback; it is read when the node
+    starts, and restored after, so a later ``ray.init(address=...)`` in this process reports
+    its real address to a cluster. tests/test_bad_inputs.py checks every listening socket.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def check_writable(uri: str) -> None:
+    """Refuse, in one line and before Ray starts, an output location the job could not write.
+
+    Local: the nearest folder of ``uri`` that exists must take a new file (a nameless
+    temporary file is made there and vanishes: nothing is left behind, not even ``uri``).
+    S3: an empty probe object is written and removed, so a missing bucket or a read-only
+    credential is named now, not by a Ray task after the work is done.
+    """
+    from affectray import storage
+
+    if storage.is_remote(uri):
+        probe = storage.join(uri, f".affectray-write-check-{uuid.uuid4().hex}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.remove(probe)
+        except storage.StorageError as error:
+            raise JobError(f"cannot write the output to {uri!r}: {error}") from None
+        return
+    path = Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise JobError(f"cannot write the output to {uri!r}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise JobError(f"cannot write the output to {uri!r}: {existing}: {error.strerror or error}") from None
 
 
 def run_job(main: Callable[[Any], dict[str, Any] | None], args: Any) -> int:

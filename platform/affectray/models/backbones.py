@@ -135,11 +135,17 @@ def centred_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # A truncated or foreign file fails anywhere in the parsers (SafetensorError, a zip's
+    # RuntimeError, the unpickler's KeyError...): one line naming it, not their traceback.
+    except Exception as error:  # noqa: BLE001
+        message = str(error).splitlines()[0][:300] if str(error) else ""
+        raise BackboneError(f"{path}: not a whole weights file ({type(error).__name__}: {message})") from None
     # Unwrap {"state_dict": {...}} and friends, possibly nested twice.
     for _ in range(2):
         if isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):

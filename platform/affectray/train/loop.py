@@ -12,6 +12,8 @@ learning rate, samples/s, and the fraction of step time spent waiting for data.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import tempfile
 import time
@@ -21,8 +23,10 @@ from typing import Any, Literal, Protocol
 
 from affectray import checkpoints as ckpt
 from affectray import storage
-from affectray.config import location
+from affectray.config import at_least, check_fields, location, positive
 from affectray.errors import JobError
+
+logger = logging.getLogger("affectray.train")
 
 
 @dataclass
@@ -35,6 +39,17 @@ class OptimConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     accumulation: int = 1  # micro-batches per optimizer step
 
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "lr": (positive, "must be above 0"),
+            "weight_decay": (at_least(0), "must be >= 0"),
+            "betas": (lambda betas: all(0 <= b < 1 for b in betas), "each must be in [0, 1)"),
+            "warmup_steps": (at_least(0), "must be >= 0 (0: no warmup)"),
+            "min_lr_ratio": (lambda ratio: 0 <= ratio <= 1, "is a fraction of lr, in [0, 1]"),
+            "grad_clip": (at_least(0), "must be >= 0 (0: no clipping)"),
+            "accumulation": (at_least(1), "must be at least 1"),
+        })  # fmt: skip
+
 
 @dataclass
 class TrainConfig:
@@ -46,6 +61,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
+    def __post_init__(self) -> None:
+        # Caught here, not in the workers: checkpoint_every=0 divided by zero in every retry.
+        check_fields(self, {
+            name: (at_least(1), "must be at least 1")
+            for name in ("batch_size", "epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        })  # fmt: skip
+
 
 @dataclass
 class RunConfig:
@@ -56,6 +78,14 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
     fail_once_at_step: int | None = None  # fault-injection for tests and drills: one worker raises once
+
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "num_workers": (at_least(1), "must be at least 1"),
+            "cpus_per_worker": (positive, "must be above 0"),
+            "max_failures": (at_least(-1), "must be >= 0, or -1 to retry without end"),
+            "fail_once_at_step": (at_least(0), "must be >= 0"),
+        })  # fmt: skip
 
 
 class Task(Protocol):
@@ -153,7 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []  # every report's scalars: <run>/metrics.csv
     best_uri = storage.join(run_cfg.storage, run_cfg.name, BEST_CHECKPOINT_DIR)
 
-    resume = ray.train.get_checkpoint()
+    resume, adopted = _resume_checkpoint(config.get("adopt"))
     if resume is not None:
         with resume.as_directory() as directory:
             model.load_state_dict(ckpt.load_weights(directory))
@@ -163,6 +193,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best_score = state.get("best_score")
             history = list(state.get("history") or [])
             epoch_done = bool(state.get("epoch_done"))
+            if adopted:
+                # Reported again, Ray registers it as its own: the run's latest checkpoint, even when
+                # no step is left to train, and the unregistered folder can go (tidy_checkpoints).
+                last = {**(history[-1] if history else {}), "step": step, "resumed_from_step": step}
+                ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
         epoch += epoch_done
         resumed_from = step
         if rank == 0:
@@ -373,6 +408,10 @@ def fit(
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = run_cfg.use_gpu == "yes" or (run_cfg.use_gpu == "auto" and gpus >= run_cfg.num_workers)
     storage_fs, storage_path = storage.pyarrow_filesystem(run_cfg.storage)
+    run_uri = storage.join(run_cfg.storage, run_cfg.name)
+    newest = tidy_checkpoints(run_uri)
+    if newest is not None and not newest.registered:
+        logger.warning("resuming from %s (step %d): written whole, never registered by Ray", newest.uri, newest.step)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -382,6 +421,8 @@ def fit(
             "run": run_cfg,
             "total_steps": total_steps,
             "seed": seed,
+            # A whole checkpoint Ray never registered (the run was killed in between): resume there.
+            "adopt": newest if newest is not None and not newest.registered else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=run_cfg.num_workers,
@@ -399,7 +440,108 @@ def fit(
         datasets=datasets,
     )
     result = trainer.fit()
-    return result, storage.join(run_cfg.storage, run_cfg.name)
+    tidy_checkpoints(run_uri)  # an adopted folder is older than Ray's newest now: it goes
+    return result, run_uri
+
+
+# Ray Train's record of the checkpoints it registered, in the run's folder; its checkpoint
+# folders are named checkpoint_<time>, beside it.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+RAY_CHECKPOINT_PREFIX = "checkpoint_"
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """One checkpoint folder of a run: where, at which step, and whether Ray Train registered it."""
+
+    uri: str
+    step: int
+    registered: bool
+
+
+def tidy_checkpoints(run_uri: str) -> RunCheckpoint | None:
+    """Remove the run's checkpoint folders Ray Train never registered, but the newest whole one; return the newest.
+
+    A worker uploads a checkpoint folder, then the controller registers it: a run killed in
+    between leaves a folder Ray neither resumes from nor ever deletes. Such a folder is kept
+    (and returned, for the loop to resume from) when it is whole and newer than every
+    registered one, and removed when it is incomplete or older. Registered folders are
+    Ray's: never touched. Returns None for a run with no checkpoint (or a snapshot this
+    code cannot read, which Ray then reports itself).
+    """
+    folders = _checkpoint_folders(run_uri)
+    registered = _registered_folders(run_uri, folders)
+    if registered is None:
+        return None
+    found = []
+    for name in folders:
+        uri = storage.join(run_uri, name)
+        try:
+            meta = ckpt.verify_checkpoint(uri, train_state=True)
+            found.append(RunCheckpoint(uri, int(meta["step"]), name in registered))
+        except (ckpt.CheckpointError, KeyError, TypeError, ValueError) as error:
+            if name not in registered:
+                logger.warning("removing incomplete checkpoint %s: %s", uri, error)
+                storage.remove(uri, recursive=True)
+    # The newest step wins; of two at one step, Ray's own.
+    newest = max(found, key=lambda c: (c.step, c.registered), default=None)
+    for stale in found:
+        if not stale.registered and stale is not newest:
+            logger.warning("removing %s: step %d, never registered by Ray, not the newest", stale.uri, stale.step)
+            storage.remove(stale.uri, recursive=True)
+    return newest
+
+
+def _checkpoint_folders(run_uri: str) -> list[str]:
+    if not storage.exists(run_uri):
+        return []
+    fs, path = storage.get_filesystem(run_uri)
+    fs.invalidate_cache(path)  # s3fs caches listings: the workers wrote since
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    return sorted(n for n in names if n.startswith(RAY_CHECKPOINT_PREFIX))
+
+
+def _registered_folders(run_uri: str, folders: list[str]) -> set[str] | None:
+    """The folders Ray Train's snapshot names (every string in it is looked at: its layout is Ray's)."""
+    snapshot = storage.join(run_uri, RAY_SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return set()
+    try:
+        record = json.loads(storage.read_text(snapshot))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    strings: set[str] = set()
+    pending = [record]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, str):
+            strings.add(node.rstrip("/").rsplit("/", 1)[-1])
+    return strings & set(folders)
+
+
+def _resume_checkpoint(adopt: RunCheckpoint | None) -> tuple[Any, bool]:
+    """(checkpoint, adopted): Ray's latest registered one, or ``adopt`` where that is newer.
+
+    ``adopt`` is the run's newest whole checkpoint when Ray never registered it
+    (tidy_checkpoints); after a worker failure it still competes with what this run
+    registered since, by the step in their meta.json.
+    """
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    if adopt is None or (registered is not None and _step_of(registered) >= adopt.step):
+        return registered, False
+    fs, path = storage.pyarrow_filesystem(adopt.uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs), True
+
+
+def _step_of(checkpoint) -> int:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{ckpt.META_FILE}") as f:
+        return int(json.loads(f.read())["step"])
 
 
 def checkpoint_uri(run_storage: str, checkpoint) -> str | None:
@@ -415,6 +557,7 @@ __all__ = [
     "BEST_CHECKPOINT_DIR",
     "METRICS_FILE",
     "OptimConfig",
+    "RunCheckpoint",
     "RunConfig",
     "Task",
     "TrainConfig",
@@ -424,5 +567,6 @@ __all__ = [
     "lr_factor",
     "param_groups",
     "planned_steps",
+    "tidy_checkpoints",
     "train_loop_per_worker",
 ]
