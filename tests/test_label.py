@@ -137,6 +137,13 @@ def test_inputs_from_a_folder_a_glob_and_manifests_share_stable_keys(tmp_path):
     assert {v.key for v in listed.videos} == {keys["a/clip.mp4"], keys["b/clip.mp4"], video_key(str(outside))}
     reasons = [r["reason"] for r in listed.refused]
     assert len(reasons) == 4 and sum("refused" in r for r in reasons) == 3 and any("twice" in r for r in reasons)
+    # Each refusal records where its entry points, absolute and resolved (never opened), beside the text as typed.
+    assert [(r["input"], r["uri"]) for r in listed.refused] == [
+        ("../elsewhere/x.mp4", str(outside)),
+        ("a/../b/clip.mp4", str(root / "b" / "clip.mp4")),
+        (f"{root}/../elsewhere/x.mp4", str(outside)),
+        ("a/clip.mp4", str(root / "a" / "clip.mp4")),
+    ]
 
     pd.DataFrame({"video_uri": ["a/clip.mp4", "c/talk é.MKV"], "other": [1, 2]}).to_parquet(root / "list.parquet")
     from_parquet = list_inputs(str(root / "list.parquet"))
@@ -414,7 +421,7 @@ def test_killed_run_resumes_with_exactly_one_output_per_video(ray_session, tmp_p
 
     summary = run_label(LabelConfig(str(videos), str(out), checkpoint, detect_max_side=320), progress=False)
     assert summary["skipped"] >= finished_before and summary["skipped"] + summary["processed"] == len(names)
-    assert summary["ok"] == summary["processed"]
+    assert summary["ok"] == len(names) and summary["failed"] == 0  # OUT's state: this run's videos and the earlier ones
     files = sorted(p.name for p in (out / outputs.LABELS_DIR).iterdir() if not p.name.startswith("."))
     assert len(files) == len(names) and all(f.endswith(".parquet") for f in files)
     rows = outputs.read_labels(str(out)).to_pandas()

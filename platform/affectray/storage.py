@@ -11,19 +11,36 @@ nothing here logs them, puts them in an error message or returns them.
 Writes of one object are all-or-nothing: local files are written to a temporary
 file beside the target and renamed; an S3 object only appears once its upload
 has completed, and a failed multipart upload is aborted rather than committed.
+``write_new`` creates an object only if none exists (a hard link locally, a
+conditional PUT with ``If-None-Match: *`` on S3), so two processes can race for it.
+
+Transient S3 errors (throttling such as 503 SlowDown, other 5xx, connection
+resets, timeouts, short reads) are retried with exponential backoff and jitter,
+in the process that met them, up to ``AFFECTRAY_STORAGE_ATTEMPTS`` attempts (each
+one already s3fs's and botocore's own quick retries); past that they raise
+:class:`StorageUnavailable`, carrying the service's own error text. Everything
+else (missing, no access, bad request) is final at once.
+
+S3 listings are never cached: markers and manifests are written by other
+processes (Ray actors, a second job), and a cached listing would hide them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
 import json
+import logging
 import os
 import posixpath
+import random
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -31,7 +48,9 @@ import fsspec
 from affectray.errors import AffectrayError
 
 __all__ = [
+    "STORAGE_UNAVAILABLE",
     "StorageError",
+    "StorageUnavailable",
     "atomic_writer",
     "exists",
     "get_filesystem",
@@ -52,14 +71,36 @@ __all__ = [
     "upload_dir",
     "write_bytes",
     "write_json",
+    "write_new",
+    "write_new_json",
     "write_text",
 ]
 
+logger = logging.getLogger("affectray.storage")
+T = TypeVar("T")
+
 _SCHEMES = ("", "file", "s3")
+STORAGE_UNAVAILABLE = "storage unavailable"  # the reason jobs record: retryable, unlike bad input
+
+# S3 error codes that say "not now" rather than "never".
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+     "RequestTimeout", "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout", "OperationAborted"}
+)  # fmt: skip
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EPIPE})
 
 
 class StorageError(AffectrayError):
     """A storage problem a user can cause: bad scheme, missing bucket or key, no access."""
+
+
+class StorageUnavailable(StorageError):
+    """The store kept failing with transient errors past the retries: nothing is wrong with the input.
+
+    Jobs record the input with the reason ``storage unavailable`` and retry it on the next run.
+    """
+
+    reason = STORAGE_UNAVAILABLE
 
 
 def _scheme(uri: str) -> str:
@@ -111,7 +152,9 @@ def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _s3fs() -> fsspec.AbstractFileSystem:
     import s3fs
 
-    kwargs: dict[str, Any] = {}
+    # No listings cache: done markers, _job.json and manifests are written by other processes, and
+    # a listing cached before they wrote would hide them (a resumed ingest once failed on that).
+    kwargs: dict[str, Any] = {"use_listings_cache": False}
     endpoint = s3_endpoint()
     if endpoint:
         kwargs["endpoint_url"] = endpoint
@@ -177,7 +220,7 @@ def _translate(uri: str, error: BaseException) -> StorageError:
         return StorageError(f"access denied: {uri!r}")
     if isinstance(error, IsADirectoryError):
         return StorageError(f"is a directory, expected a file: {uri!r}")
-    return StorageError(f"cannot access {uri!r}: {type(error).__name__}")
+    return StorageError(f"cannot access {uri!r}: {_service_text(error)}")
 
 
 def _bucket_exists(uri: str) -> bool:
@@ -188,22 +231,148 @@ def _bucket_exists(uri: str) -> bool:
         return False
 
 
+# -- transient errors: retried with backoff, then StorageUnavailable ----------------------
+
+
+def retry_policy() -> tuple[int, float]:
+    """(attempts, first backoff in seconds), read at each call so tests and jobs can set them.
+
+    AFFECTRAY_STORAGE_ATTEMPTS (default 6) and AFFECTRAY_STORAGE_BACKOFF (default 1 s; it
+    doubles per attempt, capped at 30 s, with jitter): about a minute of S3 throttling is
+    waited out before an input is recorded as ``storage unavailable``.
+    """
+    attempts = int(os.environ.get("AFFECTRAY_STORAGE_ATTEMPTS") or 6)
+    backoff = float(os.environ.get("AFFECTRAY_STORAGE_BACKOFF") or 1.0)
+    return max(1, attempts), max(0.0, backoff)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors that say "not now" (throttling, 5xx, resets, timeouts, short reads), not "never"."""
+    if isinstance(error, StorageUnavailable):
+        return True
+    if isinstance(error, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError, FileExistsError)):
+        return False
+    return any(_transient_link(e) for e in _chain(error))
+
+
+def _transient_link(error: BaseException) -> bool:
+    import aiohttp
+    import botocore.exceptions as boto
+
+    if isinstance(error, boto.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return code in _TRANSIENT_CODES or status == 429 or status >= 500 or code.startswith("5")
+    transient_types = (
+        boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError,  # resets, timeouts, cut bodies
+        aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+        ConnectionError, TimeoutError, http.client.IncompleteRead,
+    )  # fmt: skip
+    if isinstance(error, transient_types):
+        return True
+    # s3fs turns SlowDown and 503 into OSError(EBUSY), keeping the ClientError as the cause.
+    return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _service_text(error: BaseException) -> str:
+    """What the store said (an S3 error's code and message, else the exception), without credentials."""
+    import botocore.exceptions as boto
+
+    said = next((e for e in _chain(error) if isinstance(e, boto.ClientError)), None)
+    text = str(said) if said is not None else f"{type(error).__name__}: {error}".rstrip(": ")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:  # a shorter value would mangle the text, not hide a key
+            text = text.replace(secret, "***")
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _retrying(uri: str, call: Callable[[], T]) -> T:
+    """``call()``, retried while it fails transiently; raises StorageError (StorageUnavailable when retries ran out)."""
+    if not is_remote(uri):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001
+            raise _translate(uri, error) from None
+    attempts, backoff = retry_policy()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - classified below
+            if not is_transient(error):
+                raise _translate(uri, error) from None
+            if isinstance(error, StorageUnavailable) or attempt == attempts:
+                raise _unavailable(uri, error, attempt) from None
+            delay = min(30.0, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+            logger.warning("%s: %s; attempt %d of %d, retrying in %.2f s",
+                           uri, _service_text(error), attempt, attempts, delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _unavailable(uri: str, error: BaseException, attempts: int) -> StorageUnavailable:
+    if isinstance(error, StorageUnavailable):
+        return error
+    tries = "attempt" if attempts == 1 else "attempts"
+    return StorageUnavailable(f"{STORAGE_UNAVAILABLE}: {uri!r}: {_service_text(error)} ({attempts} {tries})")
+
+
+class _RetryingReader:
+    """A remote file whose reads retry transient errors.
+
+    S3 files fetch their byte ranges lazily, while a decoder reads, long after open()
+    succeeded. A failed read leaves the position where it was, so it is simply read
+    again. Once retries have run out every later read fails at once: a decoder that
+    calls again after an error must not wait out the backoff a second time.
+    """
+
+    def __init__(self, f: IO[bytes], uri: str) -> None:
+        self._f, self._uri = f, uri
+        self._failed: StorageUnavailable | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._failed is not None:
+            raise self._failed
+        position = self._f.tell()
+
+        def attempt() -> bytes:
+            self._f.seek(position)
+            return self._f.read(size)
+
+        try:
+            return _retrying(self._uri, attempt)
+        except StorageUnavailable as error:
+            self._failed = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, size, closed, name, ...: the file's own
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _RetryingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
 def exists(uri: str) -> bool:
     """True if a file or directory (or S3 prefix) exists at ``uri``."""
     fs, path = get_filesystem(uri)
-    try:
-        return bool(fs.exists(path))
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+    return _retrying(uri, lambda: bool(fs.exists(path)))
 
 
 def size(uri: str) -> int:
     """Size of the object at ``uri`` in bytes."""
     fs, path = get_filesystem(uri)
-    try:
-        return int(fs.size(path))
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+    return _retrying(uri, lambda: int(fs.size(path)))
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
@@ -218,12 +387,13 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
 def file_sizes(uri: str, suffixes: tuple[str, ...] | None = None) -> dict[str, int]:
     """``list_files``'s files with their sizes in bytes, from the one listing."""
     fs, root = get_filesystem(uri)
-    try:
+
+    def find() -> dict[str, Any]:
         if not fs.exists(root):
             raise FileNotFoundError(root)
-        found = fs.find(root, detail=True)
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+        return fs.find(root, detail=True)
+
+    found = _retrying(uri, find)
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     out = {}
     for path, info in found.items():
@@ -240,10 +410,7 @@ def file_sizes(uri: str, suffixes: tuple[str, ...] | None = None) -> dict[str, i
 def read_bytes(uri: str) -> bytes:
     """The whole object at ``uri``."""
     fs, path = get_filesystem(uri)
-    try:
-        return fs.cat_file(path)
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+    return _retrying(uri, lambda: fs.cat_file(path))
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
@@ -278,23 +445,60 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
     with tempfile.NamedTemporaryFile(prefix="affectray-upload-") as staged:
         yield staged
         staged.flush()
-        try:
-            fs.put_file(staged.name, path)
-        except Exception as error:  # noqa: BLE001
-            raise _translate(uri, error) from None
+        _retrying(uri, lambda: fs.put_file(staged.name, path))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write one object all-or-nothing."""
     if is_remote(uri):
         fs, path = get_filesystem(uri)
-        try:
-            fs.pipe_file(path, data)  # one PUT: the object appears complete or not at all
-        except Exception as error:  # noqa: BLE001
-            raise _translate(uri, error) from None
+        _retrying(uri, lambda: fs.pipe_file(path, data))  # one PUT: the object appears complete or not at all
         return
     with atomic_writer(uri) as f:
         f.write(data)
+
+
+def write_new(uri: str, data: bytes) -> bool:
+    """Create the object only if none exists: True if this call created it, False if it was there.
+
+    Two processes racing for one name get exactly one True. The object appears whole:
+    locally a complete temporary file is hard-linked into place (link fails if the name
+    exists; O_EXCL alone would let a reader see it half-written); on S3 a conditional
+    PUT (``If-None-Match: *``) is refused with 412 when the key exists.
+    """
+    fs, path = get_filesystem(uri)
+    if is_remote(uri):
+
+        def put() -> bool:
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:  # also when a retried PUT had in fact landed: the caller reads it back
+                return False
+            return True
+
+        return _retrying(uri, put)
+    try:
+        return _link_new(path, data)
+    except OSError as error:
+        raise _translate(uri, error) from None
+
+
+def _link_new(path: str, data: bytes) -> bool:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
@@ -302,19 +506,28 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
 
 
 def write_json(uri: str, obj: Any) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(uri, _json_text(obj))
+
+
+def write_new_json(uri: str, obj: Any) -> bool:
+    """``write_new`` for a JSON document."""
+    return write_new(uri, _json_text(obj).encode("utf-8"))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
 @contextlib.contextmanager
 def open_input(uri: str) -> Iterator[IO[bytes]]:
-    """A seekable binary file object for reading ``uri`` (streams from S3, no full copy)."""
+    """A seekable binary file object for reading ``uri`` (streams from S3, no full copy).
+
+    Reads of a remote file retry transient errors (see the module docstring).
+    """
     fs, path = get_filesystem(uri)
-    try:
-        f = fs.open(path, "rb")
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+    f = _retrying(uri, lambda: fs.open(path, "rb"))
     with f:
-        yield f
+        yield _RetryingReader(f, uri) if is_remote(uri) else f
 
 
 @contextlib.contextmanager
@@ -330,10 +543,7 @@ def local_copy(uri: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="affectray-") as tmp:
         local = os.path.join(tmp, f"{uuid.uuid4().hex}{suffix}")
         fs, path = get_filesystem(uri)
-        try:
-            fs.get_file(path, local)
-        except Exception as error:  # noqa: BLE001
-            raise _translate(uri, error) from None
+        _retrying(uri, lambda: fs.get_file(path, local))
         yield local
 
 
@@ -346,11 +556,12 @@ def makedirs(uri: str) -> None:
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete a file (or a whole tree with ``recursive``); missing targets are fine."""
     fs, path = get_filesystem(uri)
-    try:
+
+    def rm() -> None:
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
-    except Exception as error:  # noqa: BLE001
-        raise _translate(uri, error) from None
+
+    _retrying(uri, rm)
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> list[str]:

@@ -18,11 +18,14 @@ actor pool (a GPU per actor when the cluster has GPUs), each face is aligned
 by its five landmarks, JPEG-encoded and linked into tracks; tracks are cut into
 segments. Aligned frames and images skip detection: they are only resized, and
 AffectNet's images are cropped by the box its csv gives. A unit that fails
-(corrupt, truncated, not a video, no face) is recorded with its reason and the
-rest goes on. OUT/_manifest.json is rebuilt from every unit's outcome at the end;
-besides the stored index space (``label_set``, always ABAW8) it records the
-dataset's own classes (``dataset_label_set``: basic7, affectnet8 or abaw8, read
-with ``shards.dataset_label_set``). The layouts (--layout) are described in
+(corrupt, truncated, not a video, no face, a shard the store would not take) is
+recorded with its reason and the rest goes on. Transient storage errors are
+retried where they happen; a unit the store kept failing is recorded as
+retryable (``storage unavailable``) and the next run processes it again.
+OUT/_manifest.json is rebuilt from every unit's outcome at the end; besides the
+stored index space (``label_set``, always ABAW8) it records the dataset's own
+classes (``dataset_label_set``: basic7, affectnet8 or abaw8, read with
+``shards.dataset_label_set``). The layouts (--layout) are described in
 affectray.ingest.sources.
 """
 
@@ -51,7 +54,7 @@ from affectray.faces.video import VideoDecodeError, iter_frames
 from affectray.ingest.annotations import find_annotations, frame_labels, read_annotation
 from affectray.ingest.sources import DFEW_FOLDS, LAYOUT_DATASETS, LAYOUTS, WorkUnit, list_units
 from affectray.labels import ABAW8, LabelError, dataset_label_to_abaw
-from affectray.runtime import add_config_job_arguments, init_ray, job_config, run_config_job
+from affectray.runtime import add_config_job_arguments, check_writable, init_ray, job_config, run_config_job
 
 logger = logging.getLogger("affectray.ingest")
 
@@ -115,6 +118,7 @@ class UnitResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     shard: dict[str, Any] | None = None
     seconds: float = 0.0
+    retryable: bool = False  # the store was unavailable, not the input bad: the next run tries it again
 
 
 class UnitProcessor:
@@ -140,21 +144,37 @@ class UnitProcessor:
         try:
             result, segments = self._read(unit)
         except Exception as error:  # noqa: BLE001 - any input may be broken; record it, go on
-            result, segments = UnitResult(unit.key, unit.source, "failed", reason=_reason(error)), []
+            result, segments = _failed(unit, error), []
         if segments:
-            table = shards.segments_to_table(
-                segments, dataset=self.config.dataset, split=_split(unit, self.config), source=unit.source
-            )
-            result.shard = shards.write_shard(self.config.out, unit.key, table)
-            result.rows = table.num_rows
-            result.face_frames = sum(len(s) for s in segments)
-            result.label_counts = _label_counts(segments)
+            try:
+                self._write(unit, result, segments)
+            except Exception as error:  # noqa: BLE001 - a shard the store refused fails its unit, not the job
+                result = _failed(unit, error)
         elif result.status == "ok":
             result.status, result.reason = "failed", result.reason or "no face found in any frame"
         result.seconds = round(time.perf_counter() - start, 3)
-        # The marker is written last: its presence means the shard (if any) is complete.
-        storage.write_json(shards.done_uri(self.config.out, unit.key), asdict(result))
+        self._mark(result)
         return result
+
+    def _write(self, unit: WorkUnit, result: UnitResult, segments: list[shards.Segment]) -> None:
+        table = shards.segments_to_table(
+            segments, dataset=self.config.dataset, split=_split(unit, self.config), source=unit.source
+        )
+        result.shard = shards.write_shard(self.config.out, unit.key, table)
+        result.rows = table.num_rows
+        result.face_frames = sum(len(s) for s in segments)
+        result.label_counts = _label_counts(segments)
+
+    def _mark(self, result: UnitResult) -> None:
+        """Write the done marker, last: its presence means the shard (if any) is complete.
+
+        If the store refuses even that, the unit stays unmarked (the next run processes it
+        again) and the driver builds the manifest from the result this returns.
+        """
+        try:
+            storage.write_json(shards.done_uri(self.config.out, result.key), asdict(result))
+        except storage.StorageError as error:
+            logger.warning("%s: outcome not recorded, the next run processes it again: %s", result.source, error)
 
     def _read(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
         if unit.kind == "video":
@@ -240,6 +260,8 @@ class UnitProcessor:
             image = decode_jpeg(data)
             if box is not None:
                 image = _crop(image, box)
+        except storage.StorageUnavailable:
+            raise  # the store, not the image: the whole unit is retried on the next run
         except Exception as error:  # noqa: BLE001
             return None, _reason(error)
         if box is None and image.shape[:2] == (size, size) and data[:2] == b"\xff\xd8":
@@ -291,6 +313,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray actors run in directories of their own
+    check_writable(config.out)  # an OUT that cannot be written fails now, not after Ray starts
     if config.dataset == IngestConfig.dataset and config.layout in LAYOUT_DATASETS:
         config = replace(config, dataset=LAYOUT_DATASETS[config.layout])
     listing = list_units(
@@ -318,11 +341,50 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
             int(gpus / config.gpus_per_worker) if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
         )
         workers = max(1, min(workers, len(todo)))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
+        fresh = _process(config, todo, annotation_uris, workers, gpus, progress)
+        logger.info("processed %d units this run", len(fresh))
+    else:
+        fresh = {}
+
+    manifest = build_manifest(config, listing, fresh)
+    storage.write_json(storage.join(config.out, shards.MANIFEST_NAME), manifest)
+    counts = manifest["counts"]
+    return {
+        "job": "ingest",
+        "out": config.out,
+        "manifest": storage.join(config.out, shards.MANIFEST_NAME),
+        "units": counts["units"],
+        "processed": len(todo),
+        "skipped": len(listing.units) - len(todo),
+        "failed": counts["failed_units"] + len(listing.refused),  # earlier runs' failures included
+        "partial": counts["partial_units"],
+        "retryable": sum(f["retryable"] for f in manifest["failures"]),  # the next run tries these again
+        "rows": counts["rows"],
+        "frames": counts["face_frames"],
+        "videos": counts["videos"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _process(
+    config: IngestConfig,
+    todo: list[WorkUnit],
+    annotation_uris: dict[str, str],
+    workers: int,
+    gpus: float,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Run the units on an actor pool; returns this run's results by unit key."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.max_errored_blocks)
+    # A unit whose task died for good (a crashed decoder) is dropped and recorded as lost, not the job.
+    ctx.enable_progress_bars, ctx.max_errored_blocks = progress, -1
+    try:
         # Units travel as JSON text: Ray Data would turn a None list into NaN.
         dataset = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in todo], override_num_blocks=len(todo))
-        results = dataset.map_batches(
+        rows = dataset.map_batches(
             UnitProcessor,
             fn_constructor_kwargs={
                 "config": config,
@@ -335,32 +397,21 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
             num_gpus=config.gpus_per_worker if gpus else 0,
             num_cpus=1,
         ).take_all()
-        logger.info("processed %d units this run", len(results))
-
-    manifest = build_manifest(config, listing)
-    storage.write_json(storage.join(config.out, shards.MANIFEST_NAME), manifest)
-    counts = manifest["counts"]
-    return {
-        "job": "ingest",
-        "out": config.out,
-        "manifest": storage.join(config.out, shards.MANIFEST_NAME),
-        "units": counts["units"],
-        "processed": len(todo),
-        "skipped": len(listing.units) - len(todo),
-        "failed": counts["failed_units"] + len(listing.refused),
-        "partial": counts["partial_units"],
-        "rows": counts["rows"],
-        "frames": counts["face_frames"],
-        "videos": counts["videos"],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved
+    results = [json.loads(row["result"]) for row in rows]
+    return {r["key"]: r for r in results}
 
 
-def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
-    """Aggregate every unit's outcome (from OUT/_done/) into the shard manifest."""
+def build_manifest(config: IngestConfig, listing, fresh: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Aggregate every unit's outcome into the shard manifest.
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        results = list(pool.map(lambda u: storage.read_json(shards.done_uri(config.out, u.key)), listing.units))
+    Outcomes come from OUT/_done/, read fresh, with this run's ``fresh`` results over them (a
+    unit whose marker the store refused is still counted); a unit with neither was lost.
+    """
+    recorded = _recorded(config.out, listing.units)
+    recorded.update(fresh or {})
+    results = [recorded.get(u.key) or asdict(_lost(u)) for u in listing.units]
     labels = Counter()
     for r in results:
         labels.update(r["label_counts"])
@@ -407,9 +458,14 @@ def build_manifest(config: IngestConfig, listing) -> dict[str, Any]:
         },
         "shards": sorted((r["shard"] for r in results if r["shard"]), key=lambda s: s["file"]),
         "failures": [
-            {"input": r["source"], "status": r["status"], "reason": r["reason"]} for r in results if r["status"] != "ok"
+            {"input": r["source"], "status": r["status"], "reason": r["reason"], "retryable": bool(r.get("retryable"))}
+            for r in results
+            if r["status"] != "ok"
         ]
-        + [{"input": x["input"], "status": "refused", "reason": x["reason"]} for x in listing.refused],
+        + [
+            {"input": x["input"], "status": "refused", "reason": x["reason"], "retryable": False}
+            for x in listing.refused
+        ],
     }
 
 
@@ -439,13 +495,30 @@ def _crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def _pending(out: str, units: list[WorkUnit]) -> list[WorkUnit]:
+    """Units with no recorded outcome, and those whose outcome is retryable (the store was unavailable)."""
+    recorded = _recorded(out, units)
+    return [u for u in units if u.key not in recorded or recorded[u.key].get("retryable")]
+
+
+def _recorded(out: str, units: list[WorkUnit]) -> dict[str, dict[str, Any]]:
+    """The outcome markers of ``units`` found under OUT/_done/, listed and read fresh (actors write them)."""
     done_dir = storage.join(out, shards.DONE_DIR)
     if not storage.exists(done_dir):
-        return list(units)
-    done = {
-        uri.replace("\\", "/").rsplit("/", 1)[-1][: -len(".json")] for uri in storage.list_files(done_dir, (".json",))
-    }
-    return [u for u in units if u.key not in done]
+        return {}
+    names = {uri.replace("\\", "/").rsplit("/", 1)[-1] for uri in storage.list_files(done_dir, (".json",))}
+    keys = [u.key for u in units if f"{u.key}.json" in names]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(keys, pool.map(lambda k: storage.read_json(shards.done_uri(out, k)), keys)))
+
+
+def _failed(unit: WorkUnit, error: BaseException) -> UnitResult:
+    retryable = isinstance(error, storage.StorageUnavailable)
+    return UnitResult(unit.key, unit.source, "failed", reason=_reason(error), retryable=retryable)
+
+
+def _lost(unit: WorkUnit) -> UnitResult:
+    reason = "lost: its worker died or its task failed for good (see the Ray logs); the next run tries again"
+    return UnitResult(unit.key, unit.source, "failed", reason=reason, retryable=True)
 
 
 def _label_counts(segments: list[shards.Segment]) -> dict[str, int]:

@@ -71,7 +71,7 @@ class InputListing:
     """What VIDEOS holds: videos sorted by key, and entries refused with the reason."""
 
     videos: list[VideoInput]
-    refused: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
+    refused: list[dict[str, str]] = field(default_factory=list)  # {"input", "uri", "reason"}
 
 
 def canonical_uri(uri: str) -> str:
@@ -191,12 +191,13 @@ def _list_manifest(manifest: str) -> InputListing:
         try:
             uri, name = _resolve_entry(base, entry)
         except storage.StorageError as error:
-            refused.append({"input": entry, "reason": f"line {number} of {manifest}: {error}"})
+            reason = f"line {number} of {manifest}: {error}"
+            refused.append({"input": entry, "uri": _recorded_location(base, entry), "reason": reason})
             continue
         canonical = canonical_uri(uri)
         if canonical in seen:
             reason = f"line {number} of {manifest}: listed twice (first on line {seen[canonical]})"
-            refused.append({"input": entry, "reason": reason})
+            refused.append({"input": entry, "uri": uri, "reason": reason})
             continue
         seen[canonical] = number
         videos.append(VideoInput(video_key(uri), uri, name))
@@ -215,6 +216,16 @@ def _resolve_entry(base: str, entry: str) -> tuple[str, str]:
         path = urlparse(text).path if scheme else text
         return entry, path.strip("/")
     return storage.join_relative(base, entry), text.strip("/")
+
+
+def _recorded_location(base: str, entry: str) -> str:
+    """Where a refused entry points, for the record only (never opened): absolute, '..' resolved."""
+    text = entry.replace("\\", "/")
+    if urlparse(text).scheme and len(urlparse(text).scheme) > 1:
+        return text
+    if storage.is_remote(base):
+        return posixpath.normpath(posixpath.join(base, text)).replace(":/", "://", 1)
+    return os.path.normpath(os.path.join(base, text))
 
 
 def _manifest_entries(manifest: str) -> list[tuple[int, str]]:

@@ -21,6 +21,10 @@ A re-run skips finished videos, and a run killed halfway and started again ends
 with exactly one complete file per video. Bad inputs (empty, corrupt, truncated,
 not a video, unsupported codec) are recorded as failed with the reason and the
 job goes on; it ends with OUT/videos.parquet, OUT/report.html and a JSON summary.
+Transient storage errors are retried where they happen; a video the store kept
+failing is recorded as ``storage unavailable`` and a plain re-run tries it again.
+The first run claims OUT for its model (OUT/_job.json, created exclusively): a
+concurrent or later run with another checkpoint or settings is refused.
 """
 
 from __future__ import annotations
@@ -114,9 +118,11 @@ class LabelConfig:
 def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Label every video ``config.videos`` lists into ``config.out``; returns the job summary."""
     from affectray.models.inference import inspect_classifier
+    from affectray.runtime import check_writable
 
     start = time.perf_counter()
     config = resolve_locations(config)  # Ray tasks and actors run in directories of their own
+    check_writable(config.out)  # an OUT that cannot be written fails now, not after Ray starts
     listing = list_inputs(config.videos, config.layout)
     # The checkpoint's classes, preprocessing and weights hash: a bad URI fails in a second, before
     # Ray starts; the model itself is built only in the actors that classify.
@@ -156,7 +162,7 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     new, stopped, startup = _label(config, todo, settings, finisher, progress) if todo else ([], None, 0.0)
     run_seconds = time.perf_counter() - run_start
 
-    all_outcomes = _outcomes(config.out, listing)
+    all_outcomes = _outcomes(config.out, listing, new)
     frames = sum(int(o.get("frames") or 0) for o in new)
     stage_seconds: Counter = Counter()
     stage_cpu: Counter = Counter()
@@ -184,7 +190,8 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     if stopped is not None:
         raise JobError(f"--fail-fast: {stopped['name']!r} {stopped['status']}: {stopped['error']}")
 
-    status = Counter(o["status"] for o in new)
+    # Counts are OUT's state, earlier runs' failures included, as videos.parquet and the report give it.
+    status = Counter(o["status"] for o in all_outcomes)
     return {
         "job": "label",
         "out": config.out,
@@ -194,7 +201,8 @@ def run_label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
         "processed": len(new),
         "ok": status["ok"],
         "partial": status["partial"],
-        "failed": status["failed"] + len(listing.refused),
+        "failed": status["failed"],  # refused entries included
+        "retryable": sum(outputs.retryable(o) for o in all_outcomes),  # a plain re-run tries these again
         "skipped": len(finished),
         "frames": frames,
         "faces": sum(int(o.get("faces") or 0) for o in new),
@@ -362,42 +370,54 @@ def _consume(
 
 
 def _check_job(config: LabelConfig, model_id: str, classes: tuple[str, ...]) -> None:
-    """Refuse to mix two models or two settings in one OUT, unless --overwrite; record them on first use."""
+    """Claim OUT for this model and settings, or refuse one claimed for others (unless --overwrite).
+
+    The claim is an exclusive create, so of two runs that start together with different
+    checkpoints exactly one gets OUT, whatever the timing; runs with the same model share it.
+    """
     uri = storage.join(config.out, outputs.JOB_FILE)
     record = {
         "checkpoint": config.checkpoint, "model_id": model_id, "classes": list(classes), **config.output_settings()
     }  # fmt: skip
-    if storage.exists(uri) and not config.overwrite:
-        before = storage.read_json(uri)
-        changed = sorted(k for k in record if k != "checkpoint" and before.get(k) != record[k])
-        if changed:
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in changed)
-            raise JobError(
-                f"{config.out!r} was labelled with other settings ({diff}); "
-                "write to a new OUT, or pass --overwrite to relabel every video"
-            )
+    if config.overwrite:
+        storage.write_json(uri, record)
         return
-    storage.write_json(uri, record)
+    if storage.write_new_json(uri, record):
+        return
+    before = storage.read_json(uri)
+    changed = sorted(k for k in record if k != "checkpoint" and before.get(k) != record[k])
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in changed)
+        raise JobError(
+            f"{config.out!r} was labelled with other settings ({diff}); "
+            "write to a new OUT, or pass --overwrite to relabel every video"
+        )
 
 
 def _finished(out: str, videos: list[VideoInput], retry_failed: bool) -> set[str]:
-    """Keys of the videos a run may skip: a done marker, and a complete label file unless the video failed."""
-    markers = _keys(storage.join(out, outputs.DONE_DIR), ".json")
+    """Keys of the videos a run may skip.
+
+    Ok with its label file; failed or partial for a reason of the video's own (not a
+    video, truncated, ...) unless --retry-failed. A retryable failure (the store was
+    unavailable) is never skipped.
+    """
     labelled = _keys(storage.join(out, outputs.LABELS_DIR), ".parquet")
     finished = set()
-    for video in videos:
-        if video.key not in markers:
-            continue
-        if video.key in labelled and not retry_failed:
-            finished.add(video.key)  # label files are written whole before the marker: complete
-            continue
-        outcome = storage.read_json(outputs.done_uri(out, video.key))
+    for key, outcome in _recorded(out, [v.key for v in videos]).items():
         if outcome["status"] == "ok":
-            if video.key in labelled:
-                finished.add(video.key)  # else its output was deleted: label it again
-        elif not retry_failed:
-            finished.add(video.key)
+            if key in labelled:
+                finished.add(key)  # else its output was deleted: label it again
+        elif not retry_failed and not outputs.retryable(outcome):
+            finished.add(key)
     return finished
+
+
+def _recorded(out: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The recorded outcome (done marker) of each of ``keys`` that has one, read fresh from OUT."""
+    markers = _keys(storage.join(out, outputs.DONE_DIR), ".json")
+    keys = [k for k in keys if k in markers]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(keys, pool.map(lambda k: storage.read_json(outputs.done_uri(out, k)), keys)))
 
 
 def _keys(directory: str, suffix: str) -> set[str]:
@@ -407,15 +427,18 @@ def _keys(directory: str, suffix: str) -> set[str]:
     return {name[: -len(suffix)] for name in names if not name.startswith(".")}
 
 
-def _outcomes(out: str, listing: InputListing) -> list[dict[str, Any]]:
-    """Every listed video's recorded outcome (those not reached yet are left out), then the refused entries."""
-    markers = _keys(storage.join(out, outputs.DONE_DIR), ".json")
-    keys = [v.key for v in listing.videos if v.key in markers]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        found = list(pool.map(lambda k: storage.read_json(outputs.done_uri(out, k)), keys))
+def _outcomes(out: str, listing: InputListing, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every listed video's outcome (those not reached yet are left out), then the refused entries.
+
+    Recorded outcomes, with this run's ``new`` ones over them: a video whose marker the
+    store would not take is still reported.
+    """
+    recorded = _recorded(out, [v.key for v in listing.videos])
+    recorded.update({o["video_key"]: o for o in new})
+    found = [recorded[v.key] for v in listing.videos if v.key in recorded]
     refused = [
         {
-            "video_uri": r["input"],
+            "video_uri": r.get("uri", r["input"]),  # what one can open again; the name stays as typed
             "video_key": unit_key(r["input"]),
             "name": r["input"],
             "status": "failed",

@@ -5,7 +5,9 @@ Layout under OUT::
     OUT/labels/<video key>.parquet   one row per (frame, face); written whole or not at all
     OUT/timelines/<video key>.png    class probabilities and the smoothed label over time
     OUT/_done/<video key>.json       the video's outcome, written last: it marks the video finished
-    OUT/_job.json                    the checkpoint and settings OUT was labelled with
+                                     (unless its reason is retryable: ``storage unavailable``)
+    OUT/_job.json                    the checkpoint and settings OUT was labelled with; created
+                                     exclusively, so the first run claims OUT for its model
     OUT/videos.parquet               per video: status, error, frames, fps, duration, faces, seconds
     OUT/report.html                  counts, label distribution, failures, throughput, timelines
 
@@ -38,6 +40,8 @@ DONE_DIR = "_done"
 JOB_FILE = "_job.json"
 VIDEOS_FILE = "videos.parquet"
 REPORT_FILE = "report.html"
+# Reasons that say nothing about the video: a plain re-run tries it again (others need --retry-failed).
+RETRYABLE_REASONS = frozenset({storage.STORAGE_UNAVAILABLE})
 
 # Colours of the ABAW8 classes in timelines and the report (tab10, Neutral grey).
 _COLOURS = ["#7f7f7f", "#d62728", "#8c564b", "#9467bd", "#2ca02c", "#1f77b4", "#ff7f0e", "#17becf"]
@@ -53,6 +57,11 @@ def timeline_uri(out: str, key: str) -> str:
 
 def done_uri(out: str, key: str) -> str:
     return storage.join(out, DONE_DIR, f"{key}.json")
+
+
+def retryable(outcome: dict[str, Any]) -> bool:
+    """True for a video that did not finish for a passing reason (the store was unavailable)."""
+    return outcome.get("status") != "ok" and outcome.get("reason") in RETRYABLE_REASONS
 
 
 def prob_column(name: str) -> str:

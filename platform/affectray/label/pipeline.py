@@ -25,6 +25,7 @@ labelled only by the chunk that owns them (its *core*).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from collections import Counter
@@ -41,6 +42,8 @@ from affectray.label import outputs
 from affectray.label.inputs import VideoInput
 
 END = -1  # the ``part`` of a video's end row
+
+logger = logging.getLogger("affectray.label")
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ def _video_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[int, di
                 end["frames"] += int(np.count_nonzero(_core_mask(chunk)))
     except VideoDecodeError as error:
         end["reason"], end["error"] = error.reason, _reason(error)
+    except storage.StorageUnavailable as error:  # retries ran out: not the video's fault, a re-run tries again
+        end["reason"], end["error"] = storage.STORAGE_UNAVAILABLE, _reason(error)
     except Exception as error:  # noqa: BLE001 - unreadable (missing, no access): record it and go on
         end["reason"], end["error"] = "unreadable", _reason(error)
     if end["error"] is None and end["frames"] == 0:
@@ -212,39 +217,43 @@ def _frame_folder_chunks(video: VideoInput, s: StageSettings) -> Iterator[tuple[
     n = len(video.frames)
     size = max(s.chunk_frames, s.halo)
     bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store reads are latency-bound
-        for start in range(0, n, size):
-            lo, hi = max(0, start - s.halo), min(n, start + size + s.halo)
-            loaded = list(pool.map(lambda i: _load_face(video.frames[i], s.image_size), range(lo, hi)))
-            good = [i for i, (face, _) in zip(range(lo, hi), loaded) if face is not None]
-            bad += [
-                (video.frames[i], err) for i, (_, err) in enumerate(loaded, lo) if err and start <= i < start + size
-            ]
-            if not good:
-                continue
-            index = np.array([video.frame_indices[i] for i in good], dtype=np.int64)
-            t = len(good)
-            chunk = {
-                "frame_index": index,
-                "pts": index / s.frames_fps,
-                "core": (video.frame_indices[start], video.frame_indices[min(n, start + size) - 1] + 1),
-                "face_count": np.ones(t, np.int64),
-                "face_pos": np.arange(t),
-                "boxes": np.full((t, 4), np.nan, np.float32),
-                "scores": np.full(t, np.nan, np.float32),
-                "landmarks": np.full((t, 5, 2), np.nan, np.float32),
-                "crops": np.stack([loaded[i - lo][0] for i in good]),
-            }
-            _charge(chunk, "decode", clock.lap())
-            _ran_here(chunk)
-            yield end["chunks"], chunk
-            clock.lap()
-            end["chunks"] += 1
-            end["frames"] += int(np.count_nonzero(_core_mask(chunk)))
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:  # object-store reads are latency-bound
+            for start in range(0, n, size):
+                lo, hi = max(0, start - s.halo), min(n, start + size + s.halo)
+                loaded = list(pool.map(lambda i: _load_face(video.frames[i], s.image_size), range(lo, hi)))
+                good = [i for i, (face, _) in zip(range(lo, hi), loaded) if face is not None]
+                bad += [
+                    (video.frames[i], err) for i, (_, err) in enumerate(loaded, lo) if err and start <= i < start + size
+                ]
+                if not good:
+                    continue
+                index = np.array([video.frame_indices[i] for i in good], dtype=np.int64)
+                t = len(good)
+                chunk = {
+                    "frame_index": index,
+                    "pts": index / s.frames_fps,
+                    "core": (video.frame_indices[start], video.frame_indices[min(n, start + size) - 1] + 1),
+                    "face_count": np.ones(t, np.int64),
+                    "face_pos": np.arange(t),
+                    "boxes": np.full((t, 4), np.nan, np.float32),
+                    "scores": np.full(t, np.nan, np.float32),
+                    "landmarks": np.full((t, 5, 2), np.nan, np.float32),
+                    "crops": np.stack([loaded[i - lo][0] for i in good]),
+                }
+                _charge(chunk, "decode", clock.lap())
+                _ran_here(chunk)
+                yield end["chunks"], chunk
+                clock.lap()
+                end["chunks"] += 1
+                end["frames"] += int(np.count_nonzero(_core_mask(chunk)))
+    except storage.StorageUnavailable as error:  # not the frames' fault: the whole video is tried again
+        end["reason"], end["error"] = storage.STORAGE_UNAVAILABLE, _reason(error)
     end["info"]["duration_seconds"] = n / s.frames_fps
-    if bad:
+    if bad and end["error"] is None:
         end["reason"] = "unreadable frames"
         end["error"] = f"{len(bad)} unreadable frame file(s), first {bad[0][0]!r}: {bad[0][1]}"
+    if end["error"] is not None:
         end["status"] = "partial" if end["frames"] else "failed"
     _charge(end, "decode", clock.lap())
     _ran_here(end)
@@ -258,6 +267,8 @@ def _load_face(uri: str, size: int) -> tuple[np.ndarray | None, str]:
 
     try:
         image = decode_jpeg(storage.read_bytes(uri))
+    except storage.StorageUnavailable:
+        raise  # the store, not the frame: the video is recorded as retryable
     except Exception as error:  # noqa: BLE001 - one bad frame file must not sink its video
         return None, _reason(error)
     if image.shape[:2] != (size, size):
@@ -559,24 +570,11 @@ class Finisher:
         if errors:
             outcome.update(status="failed", reason="processing error", error=errors[0])
         elif end["frames"]:
-            labels = self.assemble(parts)
-            table = outputs.labels_table(
-                labels, video_uri=video.uri, key=video.key, classes=self.classes, model_id=self.model_id
-            )
-            outcome["output"] = outputs.write_labels(self.out, video.key, table)
-            if self.timelines:
-                png = outputs.timeline_png(labels, self.classes, f"{video.name}  ({self.model_id})")
-                outcome["timeline"] = outputs.timeline_uri(self.out, video.key)
-                storage.write_bytes(outcome["timeline"], png)
-            outcome.update(
-                frames=labels.num_frames,
-                faces=labels.num_faces,
-                frames_with_face=int(np.count_nonzero(labels.face_count)),
-                tracks=len(np.unique(labels.track_id)),
-                label_counts={
-                    self.classes[k]: int(n) for k, n in zip(*np.unique(labels.label_smoothed, return_counts=True))
-                },
-            )
+            try:
+                self._write(video, parts, outcome)
+            except storage.StorageUnavailable as error:  # OUT's store, not the video: retried next run
+                outcome.update(status="failed", reason=storage.STORAGE_UNAVAILABLE, error=str(error))
+                outcome.update(output=None, timeline=None)
         wall, cpu_write = clock.lap()
         seconds["write"] += wall
         cpu["write"] += cpu_write
@@ -584,9 +582,39 @@ class Finisher:
         outcome["cpu_seconds"] = {k: round(v, 4) for k, v in cpu.items()}
         outcome["nodes"] = sorted(nodes)  # Ray nodes that decoded, detected or classified it
         outcome["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        # Written last: its presence means the video's outputs (if any) are complete.
-        storage.write_json(outputs.done_uri(self.out, video.key), outcome)
+        self._mark(outcome)
         return outcome
+
+    def _write(self, video: VideoInput, parts: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
+        """The video's label file and timeline, and what they hold into ``outcome``."""
+        labels = self.assemble(parts)
+        table = outputs.labels_table(
+            labels, video_uri=video.uri, key=video.key, classes=self.classes, model_id=self.model_id
+        )
+        outcome["output"] = outputs.write_labels(self.out, video.key, table)
+        if self.timelines:
+            png = outputs.timeline_png(labels, self.classes, f"{video.name}  ({self.model_id})")
+            outcome["timeline"] = outputs.timeline_uri(self.out, video.key)
+            storage.write_bytes(outcome["timeline"], png)
+        outcome.update(
+            frames=labels.num_frames,
+            faces=labels.num_faces,
+            frames_with_face=int(np.count_nonzero(labels.face_count)),
+            tracks=len(np.unique(labels.track_id)),
+            label_counts={
+                self.classes[k]: int(n) for k, n in zip(*np.unique(labels.label_smoothed, return_counts=True))
+            },
+        )
+
+    def _mark(self, outcome: dict[str, Any]) -> None:
+        """Write the done marker, last: its presence means the video's outputs (if any) are complete.
+
+        If the store refuses even that, the video stays unmarked and the next run labels it again.
+        """
+        try:
+            storage.write_json(outputs.done_uri(self.out, outcome["video_key"]), outcome)
+        except storage.StorageUnavailable as error:
+            logger.warning("%s: outcome not recorded, a re-run labels it again: %s", outcome["name"], error)
 
     def lost(self, video: VideoInput) -> dict[str, Any]:
         """Record a video whose chunks never all arrived (a worker died on it for good) as failed."""
@@ -602,7 +630,7 @@ class Finisher:
             "seconds": {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        storage.write_json(outputs.done_uri(self.out, video.key), outcome)
+        self._mark(outcome)
         return outcome
 
     def assemble(self, parts: list[dict[str, Any]]) -> outputs.VideoLabels:
