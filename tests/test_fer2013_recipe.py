@@ -77,6 +77,7 @@ def test_the_recipe_ingests_trains_a_7_way_head_and_validates_on_publictest(reci
     assert metrics["accuracy"] > 0.45, metrics
     meta = json.loads((Path(first["checkpoint"]) / "meta.json").read_text())
     assert meta["preprocessing"]["channels"] == 1 and meta["preprocessing"]["crop"] == "box"
+    assert meta["preprocessing"]["test_flip"]  # eval.flip: label and predict average the mirror image too
 
 
 def test_predict_and_label_use_the_recipes_checkpoint(recipe_run, real_video, capsys):

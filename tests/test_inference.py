@@ -69,6 +69,23 @@ def test_frame_checkpoint_predicts_what_the_model_says(tmp_path):
     assert classifier.predict_track(x[:0]).shape == (0, 8)
 
 
+def test_test_flip_averages_each_face_with_its_mirror_image(tmp_path):
+    model = frame_model()
+    directory = save_classifier(tmp_path / "ckpt", model)
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    meta["preprocessing"]["test_flip"] = True
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    classifier = load_classifier(directory)
+    assert classifier.preprocessing.test_flip
+
+    x = faces(4)
+    with torch.no_grad():
+        plain = model(normalise(x))["logits"].softmax(-1)
+        mirrored = model(normalise(x[:, :, ::-1].copy()))["logits"].softmax(-1)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the model is not symmetric: the test can fail
+    np.testing.assert_allclose(classifier.predict_track(x), ((plain + mirrored) / 2).numpy(), atol=1e-5)
+
+
 def test_faces_of_another_size_are_resized_to_the_checkpoints(tmp_path):
     classifier = load_classifier(save_classifier(tmp_path / "ckpt", frame_model()))
     big = faces(3, size=80, seed=1)

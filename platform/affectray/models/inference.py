@@ -8,7 +8,8 @@ classifier carries::
     model          {"name": <registry name>, "kwargs": {...}}   (model.describe())
     label_set      {"name": "abaw8" | "cfc_coarse" | ..., "classes": [...]}
     preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std",
-                    "channels" (3, or 1: grayscale), "crop" ("aligned" | "box"), "box_margin"}
+                    "channels" (3, or 1: grayscale), "crop" ("aligned" | "box"), "box_margin",
+                    "test_flip" (average with the mirror image's prediction)}
     outputs        ["expression"] or ["expression", "va"]: the model also predicts valence and arousal
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
@@ -39,9 +40,39 @@ from affectray import checkpoints as ckpt
 from affectray.checkpoints import Preprocessing
 from affectray.data.loaders import centred_windows, normalise_pixels
 
-__all__ = ["Classifier", "ClassifierInfo", "Preprocessing", "inspect_classifier", "load_classifier", "load_model"]
+__all__ = [
+    "Classifier",
+    "ClassifierInfo",
+    "Preprocessing",
+    "inspect_classifier",
+    "load_classifier",
+    "load_model",
+    "predict_batch",
+]
 
 BUILTIN_PREFIX = "builtin:"
+
+
+@torch.inference_mode()
+def predict_batch(model: torch.nn.Module, inputs: torch.Tensor, *, flip: bool = False) -> dict[str, torch.Tensor]:
+    """Model-ready inputs ([B, C, H, W] or [B, T, C, H, W]) → ``probs`` [B, classes] and, with a
+    VA head, ``va`` [B, 2], on the inputs' device; bf16 autocast on CUDA.
+
+    ``flip`` averages each prediction with the one for the mirror image (width is the last
+    axis in both layouts): the test-time flip of :attr:`Preprocessing.test_flip`.
+    """
+    views = (inputs, inputs.flip(-1)) if flip else (inputs,)
+    probs, va = [], []
+    for view in views:
+        with torch.autocast(device_type=view.device.type, dtype=torch.bfloat16, enabled=view.device.type == "cuda"):
+            outputs = model(view)
+        probs.append(model.probabilities(outputs).float())
+        if getattr(model, "predicts_va", False):
+            va.append(model.valence_arousal(outputs).float())
+    out = {"probs": torch.stack(probs).mean(0)}
+    if va:
+        out["va"] = torch.stack(va).mean(0)
+    return out
 
 
 class Classifier:
@@ -58,7 +89,6 @@ class Classifier:
             self.classes = [f"class_{i}" for i in range(int(getattr(model, "num_classes", 0)))]
         self.label_set_name: str = (meta.get("label_set") or {}).get("name", "")
         self.predicts_va = bool(getattr(model, "predicts_va", False))  # a valence/arousal head
-        self._use_bf16 = self.device.type == "cuda"
 
     @property
     def num_classes(self) -> int:
@@ -76,12 +106,8 @@ class Classifier:
     @torch.inference_mode()
     def predict_outputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model-ready float inputs → ``probs`` [B, classes] and, with a VA head, ``va`` [B, 2], on the CPU."""
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16):
-            outputs = self.model(inputs.to(self.device))
-        out = {"probs": self.model.probabilities(outputs).cpu()}
-        if self.predicts_va:
-            out["va"] = self.model.valence_arousal(outputs).cpu()
-        return out
+        out = predict_batch(self.model, inputs.to(self.device), flip=self.preprocessing.test_flip)
+        return {name: value.cpu() for name, value in out.items()}
 
     def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Faces of one track in time order, uint8 RGB [N, S, S, 3] → probabilities [N, C] float32.

@@ -109,12 +109,14 @@ def evaluate_model(
     batch_size: int = 64,
     device: Any = "cpu",
     smooth_window: int = 1,
+    flip: bool = False,
 ) -> EvalResult:
     """Predict every evaluation sample of ``data`` with ``model.probabilities`` and score it in ``class_view``.
 
     ``holdout`` reads the videos that ``data.val_fraction`` holds out; otherwise the
     rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
-    consecutive predicted frames of a video first (the smoothing the label job applies).
+    consecutive predicted frames of a video first (the smoothing the label job applies);
+    ``flip`` averages each prediction with its mirror image's (``Preprocessing.test_flip``).
     A model with a VA head (``model.predicts_va``) on ``data.va`` samples is also scored
     with ``ccc_valence``, ``ccc_arousal`` and ``ccc_mean`` on its raw per-frame VA (what the
     label job writes); expression figures then need only exist where rows have labels.
@@ -122,6 +124,7 @@ def evaluate_model(
     import torch
 
     from affectray.models.cascade import smooth_predictions
+    from affectray.models.inference import predict_batch
 
     cfg = eval_data_config(data)
     device = torch.device(device)
@@ -135,12 +138,11 @@ def evaluate_model(
         for inputs, y, meta, *va in iter_eval_batches(
             build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device, clip_layout="BTCHW"
         ):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                outputs = model(inputs)  # clips as windows of frames [B, T, C, H, W]
-            probs.append(model.probabilities(outputs).cpu().numpy())
+            outputs = predict_batch(model, inputs, flip=flip)  # clips as windows of frames [B, T, C, H, W]
+            probs.append(outputs["probs"].cpu().numpy())
             if score_va:
                 va_true.append(va[0].cpu().numpy())
-                va_pred.append(model.valence_arousal(outputs).cpu().numpy())
+                va_pred.append(outputs["va"].cpu().numpy())
             targets.append(view_targets(y, class_view).cpu().numpy())
             unlabelled += int((y < 0).sum())
             ids += list(meta["video_id"])
@@ -210,6 +212,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--smooth-window", type=int, default=None, help="default: the run's eval.smooth_window")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average each prediction with its mirror image's (default: the checkpoint's preprocessing.test_flip)",
+    )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 
 
@@ -220,9 +228,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # Ray Data's readers run in directories of their own: local paths become absolute here.
     checkpoint, shards_root = resolve_location(args.checkpoint), resolve_location(args.shards)
-    init_ray(args.address)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    classifier = load_classifier(checkpoint, device=device)
+    classifier = load_classifier(checkpoint, device=device)  # before Ray starts: a bad checkpoint fails in a second
+    init_ray(args.address)
     meta = classifier.meta
     data, holdout = checkpoint_data_config(meta, shards_root)
     if args.split is not None or args.all:
@@ -231,6 +239,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_model(
         classifier.model, data, holdout=holdout, class_view=checkpoint_class_view(meta),
         batch_size=args.batch_size, device=device, smooth_window=smooth,
+        flip=classifier.preprocessing.test_flip if args.flip is None else args.flip,
     )  # fmt: skip
     metrics = result.metrics
     print(format_metrics(metrics))
@@ -240,6 +249,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "model_id": classifier.model_id,
         "shards": shards_root,
         "selection": {"split": data.split, "holdout": holdout, "val_fraction": data.val_fraction},
+        "test_flip": classifier.preprocessing.test_flip if args.flip is None else args.flip,
         "num_classes": len(metrics["classes"]),
         "classes": metrics["classes"],
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},

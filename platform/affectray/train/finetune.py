@@ -111,6 +111,9 @@ class EvalConfig:
     metric: Metric = "f1_macro"
     batch_size: int = 64
     smooth_window: int = 1  # >1: average predictions over this many frames of a video before scoring
+    # Test-time flip: score the average of each face's and its mirror image's prediction. The
+    # checkpoint records it (preprocessing.test_flip): label and predict then predict the same way.
+    flip: bool = False
 
 
 @dataclass
@@ -440,6 +443,7 @@ class ClassifierTask:
             batch_size=self.config.eval.batch_size,
             device=device,
             smooth_window=self.config.eval.smooth_window,
+            flip=self.config.eval.flip,
         )
         self.last_eval = result.metrics
         # Expression figures need labelled rows (a VA-only corpus has none), VA figures a VA head.
@@ -462,7 +466,7 @@ class ClassifierTask:
             "class_view": self.config.class_view,
             # What the model predicts: "va" = valence and arousal (a VA head: loss.va_weight > 0).
             "outputs": ["expression", "va"] if self.config.loss.va_weight > 0 else ["expression"],
-            "preprocessing": preprocessing_of(data).to_dict(),
+            "preprocessing": dataclasses.replace(preprocessing_of(data), test_flip=self.config.eval.flip).to_dict(),
             # What validation read, so `affectray evaluate` can score the same frames again.
             "validation": {
                 "data": config_to_dict(val_data),
