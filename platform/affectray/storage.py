@@ -448,10 +448,11 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
         _retrying(uri, lambda: fs.put_file(staged.name, path))
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write one object all-or-nothing."""
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
+    """Write one object all-or-nothing (``data``: bytes or any bytes-like view)."""
     if is_remote(uri):
         fs, path = get_filesystem(uri)
+        data = bytes(data)  # botocore takes bytes, not views
         _retrying(uri, lambda: fs.pipe_file(path, data))  # one PUT: the object appears complete or not at all
         return
     with atomic_writer(uri) as f:

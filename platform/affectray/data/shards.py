@@ -131,13 +131,13 @@ def write_shard(root: str, key: str, table: pa.Table) -> dict[str, Any]:
     """Write one shard whole (or not at all); returns its name, rows and checksum."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", row_group_size=64)
-    data = buffer.getvalue()
+    data = buffer.getbuffer()  # a view, not a copy: a long video's shard is hundreds of MB
     uri = shard_uri(root, key)
     storage.write_bytes(uri, data)
     return {
         "file": f"{SHARDS_DIR}/{key}.parquet",
         "rows": table.num_rows,
-        "bytes": len(data),
+        "bytes": data.nbytes,
         "sha256": hashlib.sha256(data).hexdigest(),
     }
 

@@ -157,13 +157,16 @@ class UnitProcessor:
         return result
 
     def _write(self, unit: WorkUnit, result: UnitResult, segments: list[shards.Segment]) -> None:
+        result.face_frames = sum(len(s) for s in segments)
+        result.label_counts = _label_counts(segments)
         table = shards.segments_to_table(
             segments, dataset=self.config.dataset, split=_split(unit, self.config), source=unit.source
         )
+        # The table holds its own copy of every face JPEG: let the segments' copy go before the
+        # Parquet file is made, so a long video peaks at two copies of its faces, not three.
+        segments.clear()
         result.shard = shards.write_shard(self.config.out, unit.key, table)
         result.rows = table.num_rows
-        result.face_frames = sum(len(s) for s in segments)
-        result.label_counts = _label_counts(segments)
 
     def _mark(self, result: UnitResult) -> None:
         """Write the done marker, last: its presence means the shard (if any) is complete.
