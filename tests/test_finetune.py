@@ -259,7 +259,7 @@ def test_evaluate_agrees_with_the_runs_validation(smoke_run, shards):
     summary, _ = smoke_run
     args = argparse.Namespace(
         checkpoint=summary["checkpoint"], shards=shards, split=None, all=False, batch_size=17,
-        smooth_window=None, address=None,
+        smooth_window=None, address=None, flip=None,
     )  # fmt: skip
     evaluated = evaluation.main(args)
     assert evaluated["num_classes"] == 8
@@ -308,7 +308,14 @@ def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
     # The joined checkpoint evaluates as one 8-class model on the stages' validation videos.
     evaluated = evaluation.main(
         argparse.Namespace(
-            checkpoint=out, shards=shards, split=None, all=False, batch_size=64, smooth_window=None, address=None
+            checkpoint=out,
+            shards=shards,
+            split=None,
+            all=False,
+            batch_size=64,
+            smooth_window=None,
+            address=None,
+            flip=None,
         )
     )
     assert evaluated["num_classes"] == 8 and np.array(evaluated["metrics"]["confusion"]).shape == (8, 8)
