@@ -34,6 +34,7 @@ actor start-up included, Ray's own start not), `faces_matched` and `cpu_ratio` (
 CPU seconds per frame over the pipeline's).
 
     .venv/bin/python bench/ingest.py [--videos 8] [--frames 300] [--real-copies 2] [--naive-threads 1]
+                                     [--detect-every 4]
 """
 
 from __future__ import annotations
@@ -355,6 +356,12 @@ def main() -> None:
         default=0.9,
         help="crops of one frame correlating at least this much are the same face (default 0.9)",
     )
+    parser.add_argument(
+        "--detect-every",
+        type=int,
+        default=1,
+        help="the pipeline's whole-frame detection period (default 1, as ingest; 4: near the faces between)",
+    )
     parser.add_argument("--workers", type=int, help="ingest actors (default: the job's default)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -368,7 +375,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="affectray-bench-ingest-"))
     try:
         corpus = make_corpus(root, args.videos, args.frames, args.real_copies)
-        config = IngestConfig(str(corpus), str(root / "shards"), layout="videos", workers=args.workers)
+        config = IngestConfig(
+            str(corpus), str(root / "shards"), layout="videos", workers=args.workers, detect_every=args.detect_every
+        )
         units = list_units(str(corpus), "videos").units
         init_ray()  # Ray's own start is not timed; the pipeline's actor start-up is
         if args.naive_threads:
@@ -377,7 +386,8 @@ def main() -> None:
         print(
             f"{len(units)} videos; {os.cpu_count()} CPU cores; naive loop: torch threads {threads}{default}, "
             f"facenet-pytorch MTCNN on every whole frame, largest face; pipeline: run_ingest's defaults "
-            f"(detect_max_side {config.detect_max_side}, decode_batch {config.decode_batch}, "
+            f"(detect_max_side {config.detect_max_side}, detect_every {config.detect_every}, "
+            f"decode_batch {config.decode_batch}, "
             f"workers {config.workers or 'default'}); crops {config.image_size} px, JPEG quality {config.jpeg_quality}",
             flush=True,
         )
@@ -455,6 +465,7 @@ def main() -> None:
             "pipeline_cpu_seconds": round(pipeline_cpu, 2),
             "cpu_cores": os.cpu_count(),
             "naive_threads": threads,
+            "detect_every": config.detect_every,
         }
         print(json.dumps(result))
     finally:

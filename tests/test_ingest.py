@@ -238,3 +238,25 @@ def test_main_prints_the_resolved_config_before_it_fails(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("resolved config:") and "min_face_score: 0.7" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_detecting_whole_frames_every_4th_frame_ingests_the_same_faces(ray_session, real_video, tmp_path):
+    """--detect-every 4 (near the key frames' faces between them) writes the faces every frame's detection writes."""
+    (tmp_path / "videos").mkdir()
+    shutil.copy(real_video, tmp_path / "videos" / "clip.mp4")
+    faces = {}
+    for every in (1, 4):
+        out = str(tmp_path / f"every-{every}")
+        config = IngestConfig(source=str(tmp_path / "videos"), out=out, image_size=64, detect_max_side=320,
+                              detect_every=every)  # fmt: skip
+        assert run_ingest(config, progress=False)["failed"] == 0
+        assert shards.read_manifest(out)["detection"]["detect_every"] == every
+        rows = _read_rows(out)
+        faces[every] = (
+            np.concatenate(rows.frame_index.to_list()),
+            np.stack([decode_jpeg(j) for images in rows.images for j in images]).astype(np.float32),
+        )
+    (frames_1, crops_1), (frames_4, crops_4) = faces[1], faces[4]
+    assert list(frames_1) == list(frames_4) == list(range(72))
+    # The same detections (boxes within 1e-3 px, tests/test_label.py): crops differ by JPEG noise at most.
+    assert np.abs(crops_1 - crops_4).mean() < 1.0
