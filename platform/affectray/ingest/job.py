@@ -200,7 +200,10 @@ class UnitProcessor:
             with storage.open_input(unit.uris[0]) as stream:
                 for batch in iter_frames(stream, max_side=cfg.decode_max_side, batch_size=cfg.decode_batch):
                     faces_per_frame = detect_and_align(
-                        self.detector(), batch.images, cfg.image_size, cfg.detect_max_side,
+                        self.detector(),
+                        batch.images,
+                        cfg.image_size,
+                        cfg.detect_max_side,
                         detect_every=cfg.detect_every,
                     )
                     for frame, pts, (found, crops) in zip(batch.frame_index, batch.pts_seconds, faces_per_frame):
