@@ -43,23 +43,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-REAL_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "single_face.mp4"
-
-
-def make_corpus(root: Path, videos: int, frames: int, real_copies: int) -> Path:
-    """Animated real-face videos (the sample corpus's, 320x240, longer) and copies of the real video (640x360)."""
-    from affectray.sample.synth import SynthConfig, write_sample_corpus
-
-    synth = root / "synth"
-    config = SynthConfig(seed=11, num_videos=0, num_real_videos=videos, real_video_frames=frames, no_face_video=False)
-    write_sample_corpus(synth, config)
-    corpus = root / "videos"
-    shutil.copytree(synth / "videos", corpus / "animated")
-    for k in range(real_copies):
-        (corpus / f"real_{k}").mkdir(parents=True)
-        shutil.copy(REAL_VIDEO, corpus / f"real_{k}" / "single_face.mp4")
-    return corpus
+from common import combine, make_corpus  # noqa: E402
 
 
 def make_checkpoint(directory: Path, size: int, steps: int) -> str:
@@ -167,19 +153,6 @@ def naive_loop(videos: list, checkpoint: str, out: Path, same_detector_at: int |
         pd.DataFrame(rows).to_parquet(out / f"{video.key}.parquet")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"frames": frames, "seconds": wall, "cpu": cpu, "fps": frames / wall, "stages": dict(seconds)}, faces
-
-
-def combine(a: dict, b: dict) -> dict:
-    stages = Counter(a["stages"])
-    stages.update(b["stages"])
-    frames, seconds = a["frames"] + b["frames"], a["seconds"] + b["seconds"]
-    return {
-        "frames": frames,
-        "seconds": seconds,
-        "cpu": a["cpu"] + b["cpu"],
-        "fps": frames / seconds,
-        "stages": dict(stages),
-    }
 
 
 def pipeline_faces(out: str, classes: list[str]) -> dict:

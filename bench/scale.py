@@ -50,9 +50,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ingest.py: the process monitor
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-from ingest import REAL_VIDEO, ProcessMonitor  # noqa: E402
+from common import REAL_VIDEO, ProcessMonitor, read_frames  # noqa: E402
 
 FPS = 30.0
 
@@ -61,14 +61,7 @@ def make_video(path: Path, seconds: float) -> int:
     """A 640x360 mp4 of ``seconds``: the real video's frames played forward, backward, forward… (no cuts)."""
     import cv2
 
-    capture = cv2.VideoCapture(str(REAL_VIDEO))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
+    frames = read_frames(REAL_VIDEO)
     loop = frames + frames[-2:0:-1]  # back and forth: the face never jumps, so one track
     count = max(1, round(seconds * FPS))
     height, width = frames[0].shape[:2]
