@@ -15,8 +15,8 @@ Layout under a shard root::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 SHARDS_DIR = "shards"
 DONE_DIR = "_done"
 MANIFEST_NAME = "_manifest.json"
+ROW_GROUP_SIZE = 64  # segments per Parquet row group: a reader's unit, and a writer's memory bound
 # The classes of the dataset a shard root came from, as the manifest's "dataset_label_set"
 # names them. Labels are stored as ABAW8 indices whatever the dataset (the manifest's
 # "label_set"); this says which of those indices the dataset can have, so a head can be
@@ -100,23 +101,32 @@ def segments_to_table(segments: Iterable[Segment], *, dataset: str, split: str, 
     columns: dict[str, list[Any]] = {name: [] for name in SEGMENT_SCHEMA.names}
     counters: dict[tuple[str, int], int] = {}
     for seg in segments:
-        number = counters.get((seg.video_id, seg.track_id), 0)
-        counters[(seg.video_id, seg.track_id)] = number + 1
-        columns["dataset"].append(dataset)
-        columns["split"].append(split)
-        columns["video_id"].append(seg.video_id)
-        columns["track_id"].append(int(seg.track_id))
-        columns["segment_index"].append(number)
-        columns["frame_index"].append([int(i) for i in seg.frame_index])
-        columns["pts_seconds"].append([float(t) for t in seg.pts_seconds])
-        columns["images"].append(list(seg.images))
-        columns["labels"].append([int(v) for v in seg.labels])
-        columns["clip_label"].append(int(seg.clip_label))
-        columns["valence"].append(seg.valence)
-        columns["arousal"].append(seg.arousal)
-        columns["detection_score"].append(seg.detection_score)
-        columns["source"].append(source)
+        _append_row(columns, seg, _next_number(counters, seg), dataset=dataset, split=split, source=source)
     return pa.table(columns, schema=SEGMENT_SCHEMA)
+
+
+def _next_number(counters: dict[tuple[str, int], int], seg: Segment) -> int:
+    """The segment's index within its (video, track): 0, 1, 2… in the order segments come."""
+    number = counters.get((seg.video_id, seg.track_id), 0)
+    counters[(seg.video_id, seg.track_id)] = number + 1
+    return number
+
+
+def _append_row(columns: dict[str, list[Any]], seg: Segment, number: int, *, dataset: str, split: str, source: str):
+    columns["dataset"].append(dataset)
+    columns["split"].append(split)
+    columns["video_id"].append(seg.video_id)
+    columns["track_id"].append(int(seg.track_id))
+    columns["segment_index"].append(number)
+    columns["frame_index"].append([int(i) for i in seg.frame_index])
+    columns["pts_seconds"].append([float(t) for t in seg.pts_seconds])
+    columns["images"].append(list(seg.images))
+    columns["labels"].append([int(v) for v in seg.labels])
+    columns["clip_label"].append(int(seg.clip_label))
+    columns["valence"].append(seg.valence)
+    columns["arousal"].append(seg.arousal)
+    columns["detection_score"].append(seg.detection_score)
+    columns["source"].append(source)
 
 
 def shard_uri(root: str, key: str) -> str:
@@ -127,19 +137,130 @@ def done_uri(root: str, key: str) -> str:
     return storage.join(root, DONE_DIR, f"{key}.json")
 
 
+class ShardWriter:
+    """One shard written a segment at a time: it appears at ``shard_uri(root, key)`` whole, or not at all.
+
+    Segments are numbered per (video, track) as ``segments_to_table`` numbers them and
+    written ROW_GROUP_SIZE at a time, zstd, through a ParquetWriter into the store's
+    staging file (``storage.atomic_writer``: a temporary file beside a local target,
+    renamed at the end; a local file uploaded whole, with retries, for S3), hashed as the
+    bytes pass. Memory holds one row group, not the shard: an hour of video costs what a
+    minute does. An exception inside the block leaves neither the shard nor the staging file.
+
+        with ShardWriter(root, key, dataset="affwild2", split="train", source=uri) as writer:
+            for segment in segments:
+                writer.add(segment)
+        writer.shard  # {"file", "rows", "bytes", "sha256"}: the manifest's record of it
+    """
+
+    def __init__(
+        self,
+        root: str,
+        key: str,
+        *,
+        dataset: str = "",
+        split: str = "",
+        source: str = "",
+        schema: pa.Schema = SEGMENT_SCHEMA,
+    ) -> None:
+        self.uri = shard_uri(root, key)
+        self.file = f"{SHARDS_DIR}/{key}.parquet"
+        self.row_fields = {"dataset": dataset, "split": split, "source": source}
+        self.schema = schema
+        self.rows = 0
+        self.shard: dict[str, Any] | None = None  # set once the shard is in place
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._counters: dict[tuple[str, int], int] = {}
+        self._scope = contextlib.ExitStack()
+        self._sink: _HashingSink | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> ShardWriter:
+        with self._scope:  # a failure here closes the staging file again
+            self._sink = _HashingSink(self._scope.enter_context(storage.atomic_writer(self.uri)))
+            self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
+            self._scope = self._scope.pop_all()
+        return self
+
+    def add(self, segment: Segment) -> None:
+        """Append one segment as the shard's next row (written out with every full row group)."""
+        number = _next_number(self._counters, segment)
+        _append_row(self._columns, segment, number, **self.row_fields)
+        if len(self._columns["video_id"]) >= ROW_GROUP_SIZE:
+            self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append the rows of a whole table, numbered already (``segments_to_table``)."""
+        self._flush()
+        self._writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
+        self.rows += table.num_rows
+
+    def _flush(self) -> None:
+        if not self._columns["video_id"]:
+            return
+        table = pa.table(self._columns, schema=self.schema)
+        self._columns = {name: [] for name in self.schema.names}  # the segments' bytes go with them
+        self._writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
+        self.rows += table.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with self._scope:  # the staging file becomes the shard when this block ends, or goes if it raises
+            if exc is not None:
+                self._abandon()
+                raise exc
+            try:
+                self._flush()
+                self._writer.close()  # the footer
+            except BaseException:
+                self._abandon()
+                raise
+        self.shard = {"file": self.file, "rows": self.rows, "bytes": self._sink.size, "sha256": self._sink.sha256()}
+
+    def _abandon(self) -> None:
+        with contextlib.suppress(Exception):  # a footer for a file about to go; the sink may be what failed
+            self._writer.close()
+
+
+class _HashingSink:
+    """A write-only file that hashes and counts what passes into ``f`` (closing it is the owner's job)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self._f.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
 def write_shard(root: str, key: str, table: pa.Table) -> dict[str, Any]:
-    """Write one shard whole (or not at all); returns its name, rows and checksum."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", row_group_size=64)
-    data = buffer.getbuffer()  # a view, not a copy: a long video's shard is hundreds of MB
-    uri = shard_uri(root, key)
-    storage.write_bytes(uri, data)
-    return {
-        "file": f"{SHARDS_DIR}/{key}.parquet",
-        "rows": table.num_rows,
-        "bytes": data.nbytes,
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    """Write one shard whole (or not at all) from a table; returns its name, rows and checksum."""
+    with ShardWriter(root, key, schema=table.schema) as writer:
+        writer.write_table(table)
+    return writer.shard
 
 
 def list_shards(root: str, *, verify: bool | str = False) -> list[str]:
