@@ -399,3 +399,15 @@ def test_the_summary_is_json(b0, tmp_path, capsys):
     assert cli_main(["import-checkpoint", str(path), str(tmp_path / "ckpt"), "--format", "hsemotion"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["job"] == "import-checkpoint" and summary["classes"][1] == "Other"
+
+
+def test_the_imported_checkpoint_labels_a_real_video(b0, real_video, tmp_path, capsys):
+    """predict (the label job's classifier, without Ray) on three frames of the real face video."""
+    _, path = b0
+    run_import(path, tmp_path / "ckpt", "--format", "hsemotion")
+    code = cli_main(["predict", str(real_video), "--checkpoint", str(tmp_path / "ckpt"), "--every", "24", "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    faces = summary["inputs"][0]["faces"]
+    assert code == 0 and len(faces) == 3  # frames 0, 24, 48: one face each
+    assert all(face["label"] in hsemotion.CLASSES_8 or face["label"] == "Other" for face in faces)
+    assert all(abs(sum(face["probs"].values()) - 1) < 1e-3 for face in faces)
