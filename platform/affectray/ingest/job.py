@@ -15,8 +15,10 @@ row of a Ray Data dataset and becomes one shard, written whole under a name
 derived from the input, so a re-run skips finished units and never duplicates
 rows. Videos stream through PyAV in frame batches; MTCNN runs batched in an
 actor pool (a GPU per actor when the cluster has GPUs), each face is aligned
-by its five landmarks, JPEG-encoded and linked into tracks; tracks are cut into
-segments. Aligned frames and images skip detection: they are only resized, and
+by its five landmarks, JPEG-encoded and linked into tracks; the JPEGs wait in a
+local spool file until the video's tracks are chosen, then the kept tracks are cut
+into segments and streamed into the shard a row group at a time, so an actor's
+memory does not grow with a video's length. Aligned frames and images skip detection: they are only resized, and
 AffectNet's images are cropped by the box its csv gives. A unit that fails
 (corrupt, truncated, not a video, no face, a shard the store would not take) is
 recorded with its reason and the rest goes on. Transient storage errors are
@@ -32,11 +34,13 @@ affectray.ingest.sources.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -53,6 +57,7 @@ from affectray.faces.tracking import IoUTracker, select_tracks
 from affectray.faces.video import VideoDecodeError, iter_frames
 from affectray.ingest.annotations import find_annotations, frame_labels, read_annotation
 from affectray.ingest.sources import DFEW_FOLDS, LAYOUT_DATASETS, LAYOUTS, WorkUnit, list_units
+from affectray.ingest.spool import FaceSpool
 from affectray.labels import ABAW8, LabelError, dataset_label_to_abaw
 from affectray.runtime import add_config_job_arguments, check_writable, init_ray, job_config, run_config_job
 
@@ -145,32 +150,36 @@ class UnitProcessor:
 
     def process(self, unit: WorkUnit) -> UnitResult:
         start = time.perf_counter()
-        try:
-            result, segments = self._read(unit)
-        except Exception as error:  # noqa: BLE001 - any input may be broken; record it, go on
-            result, segments = _failed(unit, error), []
-        if segments:
+        with contextlib.ExitStack() as scope:  # the unit's temporary files (a video's face spool) go at its end
             try:
-                self._write(unit, result, segments)
-            except Exception as error:  # noqa: BLE001 - a shard the store refused fails its unit, not the job
-                result = _failed(unit, error)
-        elif result.status == "ok":
-            result.status, result.reason = "failed", result.reason or "no face found in any frame"
+                result, segments = self._read(unit, scope)
+            except Exception as error:  # noqa: BLE001 - any input may be broken; record it, go on
+                result, segments = _failed(unit, error), []
+            if segments:
+                try:
+                    self._write(unit, result, segments)
+                except Exception as error:  # noqa: BLE001 - a shard the store refused fails its unit, not the job
+                    result = _failed(unit, error)
+            elif result.status == "ok":
+                result.status, result.reason = "failed", result.reason or "no face found in any frame"
         result.seconds = round(time.perf_counter() - start, 3)
         self._mark(result)
         return result
 
-    def _write(self, unit: WorkUnit, result: UnitResult, segments: list[shards.Segment]) -> None:
-        result.face_frames = sum(len(s) for s in segments)
-        result.label_counts = _label_counts(segments)
-        table = shards.segments_to_table(
-            segments, dataset=self.config.dataset, split=_split(unit, self.config), source=unit.source
-        )
-        # The table holds its own copy of every face JPEG: let the segments' copy go before the
-        # Parquet file is made, so a long video peaks at two copies of its faces, not three.
-        segments.clear()
-        result.shard = shards.write_shard(self.config.out, unit.key, table)
-        result.rows = table.num_rows
+    def _write(self, unit: WorkUnit, result: UnitResult, segments: Iterable[shards.Segment]) -> None:
+        """Stream the unit's segments into its shard as they come: memory holds a row group, not the unit."""
+        labels = Counter()
+        split = _split(unit, self.config)
+        with shards.ShardWriter(
+            self.config.out, unit.key, dataset=self.config.dataset, split=split, source=unit.source
+        ) as writer:
+            for segment in segments:
+                writer.add(segment)
+                result.face_frames += len(segment)
+                labels.update(ABAW8.classes[v] if v >= 0 else "unlabelled" for v in segment.labels)
+        result.label_counts = dict(labels)
+        result.shard = writer.shard
+        result.rows = writer.rows
 
     def _mark(self, result: UnitResult) -> None:
         """Write the done marker, last: its presence means the shard (if any) is complete.
@@ -183,19 +192,24 @@ class UnitProcessor:
         except storage.StorageError as error:
             logger.warning("%s: outcome not recorded, the next run processes it again: %s", result.source, error)
 
-    def _read(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
+    def _read(self, unit: WorkUnit, scope: contextlib.ExitStack) -> tuple[UnitResult, Iterable[shards.Segment]]:
+        """The unit's outcome so far and its segments: a list, or (videos) a generator reading the spool.
+
+        ``scope`` holds what the segments need until they are written (a video's face spool).
+        """
         if unit.kind == "video":
-            return self._read_video(unit)
+            return self._read_video(unit, scope)
         return self._read_images(unit)
 
     # -- videos: decode → detect → align → track → segments -------------------------------
 
-    def _read_video(self, unit: WorkUnit) -> tuple[UnitResult, list[shards.Segment]]:
+    def _read_video(self, unit: WorkUnit, scope: contextlib.ExitStack) -> tuple[UnitResult, Iterable[shards.Segment]]:
 
         cfg = self.config
         result = UnitResult(unit.key, unit.source, "ok")
         tracker = IoUTracker()
-        faces: dict[int, list[tuple[int, float, bytes, float]]] = {}  # track → (frame, pts, jpeg, score)
+        # Every face waits on local disk until the kept tracks are known (the end of the video).
+        spool = scope.enter_context(FaceSpool())
         try:
             with storage.open_input(unit.uris[0]) as stream:
                 for batch in iter_frames(stream, max_side=cfg.decode_max_side, batch_size=cfg.decode_batch):
@@ -213,7 +227,7 @@ class UnitProcessor:
                         ids = tracker.update(int(frame), found)
                         for det, track_id, crop in zip(found, ids, crops):
                             jpeg = encode_jpeg(crop, cfg.jpeg_quality)
-                            faces.setdefault(track_id, []).append((int(frame), float(pts), jpeg, det.score))
+                            spool.add(track_id, int(frame), float(pts), jpeg, float(det.score))
         except VideoDecodeError as error:
             if result.frames == 0:
                 raise
@@ -224,11 +238,15 @@ class UnitProcessor:
         kept = select_tracks(tracker.tracks, all_faces=cfg.all_faces, min_frames=cfg.min_track_frames)
         result.tracks = len(kept)
         annotation = self._annotation(unit)
-        segments = []
+        if not kept:
+            return result, []
+        return result, self._spooled_segments(unit, spool, kept, annotation)
+
+    def _spooled_segments(self, unit, spool: FaceSpool, kept: list[int], annotation) -> Iterator[shards.Segment]:
+        """The kept tracks' segments, in ``kept`` order, each one's JPEGs read from the spool as it comes."""
         for new_id, track_id in enumerate(kept):
-            frames, pts, images, scores = map(list, zip(*faces[track_id]))
-            segments += self._segments(unit, new_id, frames, pts, images, annotation, scores)
-        return result, segments
+            frames, pts, scores, images = spool.track(track_id)
+            yield from self._segments(unit, new_id, frames, pts, images, annotation, scores)
 
     # -- frame folders and image chunks: no detection ------------------------------------
 
@@ -260,7 +278,7 @@ class UnitProcessor:
         frames = [unit.frame_indices[i] for i, _ in good]
         pts = [f / cfg.frames_fps for f in frames]
         result.tracks = 1
-        segments = self._segments(unit, 0, frames, pts, [j for _, j in good], self._annotation(unit), None)
+        segments = list(self._segments(unit, 0, frames, pts, [j for _, j in good], self._annotation(unit), None))
         return result, segments
 
     def _load_image(self, uri: str, box: tuple[int, int, int, int] | None = None) -> tuple[bytes | None, str]:
@@ -289,7 +307,8 @@ class UnitProcessor:
         uri = self.annotation_uris.get(unit.key)
         return None if uri is None else read_annotation(uri)
 
-    def _segments(self, unit, track_id, frames, pts, images, annotation, scores) -> list[shards.Segment]:
+    def _segments(self, unit, track_id, frames, pts, images, annotation, scores) -> Iterator[shards.Segment]:
+        """A track's segments, one at a time (``images`` may be a spool's: sliced, it reads only that run)."""
 
         cfg = self.config
         kind, values = annotation if annotation else ("expr", None)
@@ -299,23 +318,19 @@ class UnitProcessor:
             else np.full(len(frames), -1, np.int16)
         )
         va = frame_labels(values, frames) if kind == "va" else None
-        segments = []
         for start, stop in shards.split_runs(frames, cfg.segment_length, cfg.max_gap):
-            segments.append(
-                shards.Segment(
-                    video_id=unit.video_id,
-                    track_id=track_id,
-                    frame_index=frames[start:stop],
-                    pts_seconds=pts[start:stop],
-                    images=images[start:stop],
-                    labels=[int(v) for v in labels[start:stop]],
-                    detection_score=None if scores is None else [float(s) for s in scores[start:stop]],
-                    valence=None if va is None else [float(v) for v in va[start:stop, 0]],
-                    arousal=None if va is None else [float(v) for v in va[start:stop, 1]],
-                    clip_label=unit.clip_label,
-                )
+            yield shards.Segment(
+                video_id=unit.video_id,
+                track_id=track_id,
+                frame_index=frames[start:stop],
+                pts_seconds=pts[start:stop],
+                images=images[start:stop],
+                labels=[int(v) for v in labels[start:stop]],
+                detection_score=None if scores is None else [float(s) for s in scores[start:stop]],
+                valence=None if va is None else [float(v) for v in va[start:stop, 0]],
+                arousal=None if va is None else [float(v) for v in va[start:stop, 1]],
+                clip_label=unit.clip_label,
             )
-        return segments
 
 
 def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
@@ -532,14 +547,6 @@ def _failed(unit: WorkUnit, error: BaseException) -> UnitResult:
 def _lost(unit: WorkUnit) -> UnitResult:
     reason = "lost: its worker died or its task failed for good (see the Ray logs); the next run tries again"
     return UnitResult(unit.key, unit.source, "failed", reason=reason, retryable=True)
-
-
-def _label_counts(segments: list[shards.Segment]) -> dict[str, int]:
-
-    counts = Counter()
-    for seg in segments:
-        counts.update(ABAW8.classes[v] if v >= 0 else "unlabelled" for v in seg.labels)
-    return dict(counts)
 
 
 def _image_id(source_root: str, uri: str) -> str:
