@@ -87,13 +87,14 @@ def test_spool_reads_back_the_bytes_written_and_removes_its_file(tmp_path):
         for i in range(20):  # interleaved, as faces of two tracks are found frame by frame
             for track in (3, 5):
                 spool.add(track, i, i / 30, jpegs[track][i], 0.5 + i / 100)
-        path = spool.path
+        assert os.listdir(tmp_path) == []  # no name: a killed actor leaves nothing behind either
+        fd = spool._file.fileno()
         frames, pts, scores, images = spool.track(5)  # flushes the file: every JPEG is on disk now
-        assert os.path.getsize(path) == spool.bytes == sum(len(j) for t in jpegs.values() for j in t)
+        assert os.fstat(fd).st_size == spool.bytes == sum(len(j) for t in jpegs.values() for j in t)
         assert frames == list(range(20)) and pts == [i / 30 for i in range(20)] and scores[3] == 0.53
         assert len(images) == 20 and images[4:9] == jpegs[5][4:9] and images[-1] == jpegs[5][-1]
         assert list(spool.track(3)[3]) == jpegs[3]
-    assert not os.path.exists(path)
+    assert spool._file.closed
 
 
 def test_spool_file_goes_when_the_unit_fails(tmp_path):
@@ -101,7 +102,7 @@ def test_spool_file_goes_when_the_unit_fails(tmp_path):
         with FaceSpool(str(tmp_path)) as spool:
             spool.add(0, 0, 0.0, b"\xff\xd8", 0.9)
             raise ValueError("bad video")
-    assert os.listdir(tmp_path) == []
+    assert spool._file.closed and os.listdir(tmp_path) == []
 
 
 def _sha(data: bytes) -> str:

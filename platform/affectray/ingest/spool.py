@@ -4,8 +4,9 @@ Which tracks a video keeps is known only once it has been read to the end
 (``select_tracks``), so every face is kept until then: its JPEG in a temporary
 file, its frame, time, score and place in that file in memory (36 bytes a face,
 about 4 MB for an hour at 30 fps). Faces of the tracks kept are read back a
-segment at a time; the others never are. The file goes when the spool is closed,
-whether the unit succeeded or not.
+segment at a time; the others never are. The file has no name (it is unlinked as
+it is made, where the OS allows), so it goes when the spool is closed, whether the
+unit succeeded or not, and with the process if an actor is killed or crashes.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ class FaceSpool:
     """
 
     def __init__(self, directory: str | None = None) -> None:
-        self._file = tempfile.NamedTemporaryFile(prefix="affectray-faces-", suffix=".jpegs", dir=directory)
-        self.path = self._file.name
+        self._file = tempfile.TemporaryFile(prefix="affectray-faces-", suffix=".jpegs", dir=directory)
         self.bytes = 0
         self._tracks: dict[int, _Faces] = {}
 
@@ -64,7 +64,7 @@ class FaceSpool:
         )
 
     def close(self) -> None:
-        self._file.close()  # removes it
+        self._file.close()  # its space is freed with its last descriptor
         self._tracks.clear()
 
     def __enter__(self) -> FaceSpool:
