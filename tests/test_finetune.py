@@ -35,6 +35,7 @@ from affectray.train.finetune import (
     run_finetune,
     training_data,
 )
+from affectray.train.loop import TRAINED_WEIGHTS
 
 SMOKE = REPO_ROOT / "jobs" / "configs" / "finetune-smoke.yaml"
 SIZE = SAMPLE_SHARDS_SIZE  # the shared sample shards
@@ -357,3 +358,43 @@ def test_members_join_into_a_weighted_ensemble_checkpoint(tmp_path):
                               "mean": [0.5] * 3, "std": [0.25] * 3},
         })  # fmt: skip
         combine_ensemble([cnn, str(tmp_path / "coarse")], str(tmp_path / "bad"))
+
+
+def _run_checkpoints(run_dir: Path) -> dict[int, tuple[dict, dict]]:
+    """step -> (weights, trained weights) of every checkpoint Ray kept in a run's folder."""
+    found = {}
+    for folder in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+        state = ckpt.load_train_state(folder)
+        found[int(state["step"])] = (ckpt.load_weights(folder), state[TRAINED_WEIGHTS])
+    return found
+
+
+def _is_moving_average(average, previous, trained, decay) -> bool:
+    """average == decay * previous + (1 - decay) * trained, tensor by tensor (float state)."""
+    return all(
+        torch.allclose(average[k], decay * previous[k] + (1 - decay) * trained[k], atol=1e-6)
+        for k in average if average[k].is_floating_point()
+    )  # fmt: skip
+
+
+def test_the_moving_average_is_validated_checkpointed_and_resumed(shards, tmp_path):
+    decay = 0.9  # the average lags the trained weights by several steps
+    overrides = [f"optim.ema_decay={decay}", "train.checkpoint_every=1", "train.epochs=1", "run.name=ema"]
+    summary = run_finetune(smoke_config(shards, tmp_path, *overrides, "train.max_steps=3"))
+    kept = _run_checkpoints(tmp_path / "ema")
+    assert sorted(kept) == [1, 2, 3]
+    (average2, _), (average3, trained3) = kept[2], kept[3]
+    # Every step folds the trained weights (batch-norm statistics too) into the average...
+    assert _is_moving_average(average3, average2, trained3, decay)
+    assert not all(torch.equal(average3[k], trained3[k]) for k in average3)
+    # ... and the average is what validation scored and what the best checkpoint holds.
+    best = ckpt.load_weights(summary["checkpoint"])
+    assert all(torch.equal(best[k], average3[k]) for k in best)
+
+    # Resumed, the average goes on from the saved one (not from a fresh copy of the weights),
+    # and training from the trained weights (not from their average).
+    run_finetune(smoke_config(shards, tmp_path, *overrides, "train.max_steps=4"))
+    average4, trained4 = _run_checkpoints(tmp_path / "ema")[4]
+    assert _is_moving_average(average4, average3, trained4, decay)
+    distance = lambda a, b: sum(float((a[k] - b[k]).abs().sum()) for k in a if a[k].is_floating_point())  # noqa: E731
+    assert distance(trained4, trained3) < distance(trained4, average3)

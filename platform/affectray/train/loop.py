@@ -4,7 +4,8 @@ A *task* (pretrain.MAETask, finetune tasks) says what differs: how to build the
 model, what a batch is and what its loss is, what to evaluate, what to put in
 a checkpoint's metadata. The loop owns the rest, identically for both: DDP,
 bf16 autocast on GPU (float32 on CPU), AdamW with a warmup + cosine schedule,
-gradient clipping and accumulation, checkpoints every N steps with full
+gradient clipping and accumulation, an optional moving average of the weights
+(what is evaluated and checkpointed), checkpoints every N steps with full
 training state, resume from the latest checkpoint (after a worker failure or
 when the same run is started again), and metrics on every report: loss,
 learning rate, samples/s, and the fraction of step time spent waiting for data.
@@ -38,6 +39,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     accumulation: int = 1  # micro-batches per optimizer step
+    # Exponential moving average of the weights, updated every optimizer step (timm's ModelEma,
+    # torch's AveragedModel): validation scores the average and checkpoints carry it as their
+    # weights, the trained ones beside it for resuming. 0 = off; 0.998 averages over ~500 steps.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -48,6 +53,7 @@ class OptimConfig:
             "min_lr_ratio": (lambda ratio: 0 <= ratio <= 1, "is a fraction of lr, in [0, 1]"),
             "grad_clip": (at_least(0), "must be >= 0 (0: no clipping)"),
             "accumulation": (at_least(1), "must be at least 1"),
+            "ema_decay": (lambda decay: 0 <= decay < 1, "must be in [0, 1) (0: no moving average)"),
         })  # fmt: skip
 
 
@@ -104,6 +110,8 @@ class Task(Protocol):
 BEST_CHECKPOINT_DIR = "best_checkpoint"
 # Every report of the run, one row each (rewritten at each checkpoint; survives resume).
 METRICS_FILE = "metrics.csv"
+# Where a checkpoint's train state keeps the trained weights when its weights are their average.
+TRAINED_WEIGHTS = "trained_weights"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -173,6 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config.get("seed", 0) + rank)
 
     model = task.build_model().to(device)
+    ema = _weight_average(model, optim_cfg.ema_decay)
     groups = (task.param_groups if hasattr(task, "param_groups") else param_groups)(model, optim_cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas)
     for group in optimizer.param_groups:
@@ -186,8 +195,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume, adopted = _resume_checkpoint(config.get("adopt"))
     if resume is not None:
         with resume.as_directory() as directory:
-            model.load_state_dict(ckpt.load_weights(directory))
+            weights = ckpt.load_weights(directory)
             state = ckpt.load_train_state(directory)
+            # With a moving average the checkpoint's weights are the average; the trained ones are in its state.
+            model.load_state_dict(state.get(TRAINED_WEIGHTS) or weights)
+            if ema is not None:
+                ema.module.load_state_dict(weights)
+                ema.n_averaged.fill_(1)  # averaging goes on from the loaded average, not from a copy
             optimizer.load_state_dict(state["optimizer"])
             step, epoch, first_loss = int(state["step"]), int(state["epoch"]), state.get("first_loss")
             best_score = state.get("best_score")
@@ -245,7 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "best_score": best_score,
                     "history": history + [metrics],
                 }
-                ckpt.save_checkpoint(tmp, model, meta, state)
+                if ema is not None:
+                    state[TRAINED_WEIGHTS] = {k: v.detach().cpu() for k, v in ckpt.unwrap(model).state_dict().items()}
+                ckpt.save_checkpoint(tmp, model if ema is None else ema.module, meta, state)
                 if is_best:
                     # A copy outside Ray's rotation (which keeps only the latest K), without
                     # the optimizer state: what evaluation and labeling take as it is.
@@ -258,9 +274,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = _Meter()
     last_metrics: dict[str, float] = {}
     saved_at = -1
+    evaluates = bool(getattr(task, "evaluates", False))
     while epoch < train_cfg.epochs and step < total_steps:
         model.train()
         micro = 0
+        epoch_started, epoch_first_step = time.perf_counter(), step
         optimizer.zero_grad(set_to_none=True)
         waited = time.perf_counter()
         for batch in task.batches(shard, epoch, device):
@@ -279,6 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(ckpt.unwrap(model))
             step += 1
             if first_loss is None:
                 first_loss = window.losses[0]
@@ -295,7 +315,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     **extra,
                 }
                 window = _Meter()
-                if step % train_cfg.checkpoint_every == 0 or step >= total_steps:
+                # The last step's checkpoint comes with the epoch's evaluation, just below.
+                last = step >= total_steps
+                if (step % train_cfg.checkpoint_every == 0 or last) and not (last and evaluates):
                     save(last_metrics, epoch_done=False)
                     saved_at = step
                 else:
@@ -306,13 +328,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Every epoch ends with an evaluation (fine-tuning, on rank 0 with the bare
         # model: DDP's forward would wait for the other ranks) and a checkpoint, unless
         # one was just written for this very step. Every rank must take the same branch.
-        evaluates = bool(getattr(task, "evaluates", False))
-        eval_metrics = task.evaluate(ckpt.unwrap(model), device) if evaluates and rank == 0 else {}
+        trained = time.perf_counter()
+        scored = ckpt.unwrap(model) if ema is None else ema.module
+        eval_metrics = task.evaluate(scored, device) if evaluates and rank == 0 else {}
+        evaluated = time.perf_counter()
         if evaluates or saved_at != step:
             last_metrics = {**last_metrics, **eval_metrics, "step": step, "epoch": epoch}
             save(last_metrics, epoch_done=True)
             saved_at = step
+        if rank == 0:  # where an epoch's time goes: the steps, the validation, the checkpoint
+            print(
+                f"[affectray] epoch {epoch}: {step - epoch_first_step} steps in {trained - epoch_started:.1f} s, "
+                f"validation {evaluated - trained:.1f} s, checkpoint {time.perf_counter() - evaluated:.1f} s",
+                flush=True,
+            )
         epoch += 1
+
+
+def _weight_average(model, decay: float):
+    """A torch AveragedModel keeping the exponential moving average of ``model``'s weights, or None.
+
+    Buffers are averaged too (batch-norm statistics), as timm's ModelEmaV2 does.
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
