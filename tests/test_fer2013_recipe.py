@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from tests.conftest import FER2013, REPO_ROOT
 
+from affectray import checkpoints as ckpt
 from affectray import cli
 from affectray.config import load_config
 from affectray.label.job import LabelConfig, run_label
 from affectray.labels import BASIC7
+from affectray.models.builtin import builtin_checkpoint
 from affectray.train.finetune import FinetuneConfig, prepare_data, run_finetune
 
 RECIPE = REPO_ROOT / "jobs" / "configs" / "finetune-fer2013.yaml"
@@ -69,7 +71,12 @@ def test_the_recipe_ingests_trains_a_7_way_head_and_validates_on_publictest(reci
         ("train", 721, 0), ("publictest", 302, 0)]  # fmt: skip
     assert again == []  # the shards are there: a second run does not ingest them again
     assert first["class_view"] == "basic7" and first["classes"] == list(BASIC7.classes)
-    assert first["init"]["loaded"] == first["init"]["of"]  # every tensor from the built-in model
+    # Every tensor of the built-in model; the rest are the middle-flow blocks it lacks (identity at the start).
+    published = ckpt.load_weights(builtin_checkpoint("fer-minixception"))
+    with ckpt.open_checkpoint(first["checkpoint"]) as directory:
+        trained = ckpt.load_weights(directory)
+    assert first["init"]["loaded"] == len(published) and first["init"]["of"] == len(trained)
+    assert {k.split(".")[0] for k in set(trained) - set(published)} == {"middle"}
     metrics = first["metrics"]
     assert metrics["count"] == 302 and first["metric"] == "accuracy"
     # Six steps at a low rate leave the built-in model's skill in place: its weights score 58% on

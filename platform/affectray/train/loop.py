@@ -337,11 +337,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save(last_metrics, epoch_done=True)
             saved_at = step
         if rank == 0:  # where an epoch's time goes: the steps, the validation, the checkpoint
-            print(
-                f"[affectray] epoch {epoch}: {step - epoch_first_step} steps in {trained - epoch_started:.1f} s, "
-                f"validation {evaluated - trained:.1f} s, checkpoint {time.perf_counter() - evaluated:.1f} s",
-                flush=True,
-            )
+            logger.info(
+                "epoch %d: %d steps in %.1f s, validation %.1f s, checkpoint %.1f s", epoch, step - epoch_first_step,
+                trained - epoch_started, evaluated - trained, time.perf_counter() - evaluated,
+            )  # fmt: skip
         epoch += 1
 
 
