@@ -379,7 +379,8 @@ def _is_moving_average(average, previous, trained, decay) -> bool:
 
 def test_the_moving_average_is_validated_checkpointed_and_resumed(shards, tmp_path):
     decay = 0.9  # the average lags the trained weights by several steps
-    overrides = [f"optim.ema_decay={decay}", "train.checkpoint_every=1", "train.epochs=1", "run.name=ema"]
+    # Two epochs, so the second run (one step more) has an epoch left after the first run's.
+    overrides = [f"optim.ema_decay={decay}", "train.checkpoint_every=1", "train.epochs=2", "run.name=ema"]
     summary = run_finetune(smoke_config(shards, tmp_path, *overrides, "train.max_steps=3"))
     kept = _run_checkpoints(tmp_path / "ema")
     assert sorted(kept) == [1, 2, 3]
