@@ -218,6 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[affectray] resumed from checkpoint at step {step}, epoch {epoch}", flush=True)
 
     model = ray.train.torch.prepare_model(model) if world > 1 else model
+    # The weights validation scores and checkpoints hold: the bare model's, or their moving average.
+    kept = ckpt.unwrap(model) if ema is None else ema.module
     shard = ray.train.get_dataset_shard("train")
 
     def set_lr() -> float:
@@ -261,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 }
                 if ema is not None:
                     state[TRAINED_WEIGHTS] = {k: v.detach().cpu() for k, v in ckpt.unwrap(model).state_dict().items()}
-                ckpt.save_checkpoint(tmp, model if ema is None else ema.module, meta, state)
+                ckpt.save_checkpoint(tmp, kept, meta, state)
                 if is_best:
                     # A copy outside Ray's rotation (which keeps only the latest K), without
                     # the optimizer state: what evaluation and labeling take as it is.
@@ -329,8 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # model: DDP's forward would wait for the other ranks) and a checkpoint, unless
         # one was just written for this very step. Every rank must take the same branch.
         trained = time.perf_counter()
-        scored = ckpt.unwrap(model) if ema is None else ema.module
-        eval_metrics = task.evaluate(scored, device) if evaluates and rank == 0 else {}
+        eval_metrics = task.evaluate(kept, device) if evaluates and rank == 0 else {}
         evaluated = time.perf_counter()
         if evaluates or saved_at != step:
             last_metrics = {**last_metrics, **eval_metrics, "step": step, "epoch": epoch}
