@@ -304,7 +304,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="affectray-bench-loader-"))
     try:
         root, what = prepare_shards(config, args.faces, tmp)
-        cfg = dataclasses.replace(training_data(config), root=root)
+        # The per-sample feed both sides run: augmented in the sample function, decoded every pass
+        # (the recipe augments on its worker and caches; the feeds compared here are the general case).
+        cfg = dataclasses.replace(training_data(config), root=root, augment_on="data", cache=False)
         paths = shards.list_shards(root)
         size = sum(storage.file_sizes(storage.join(root, shards.SHARDS_DIR), suffixes=(".parquet",)).values())
         per_sample, decodes = function_rate(cfg, paths[0])

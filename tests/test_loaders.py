@@ -294,6 +294,48 @@ def test_augmentation_is_per_clip_reproducible_and_changes_each_epoch(ray_sessio
     assert fingerprints(build_dataset(dataclasses.replace(cfg, seed=1), train=True)) != epoch0
 
 
+def test_worker_augmentation_leaves_the_data_tasks_decode_and_resize(ray_session, corpus):
+    """augment_on worker: training rows are the evaluation rows; the batch iterator crops and flips them."""
+    strong = {**BASE, "color_jitter": 0.3, "scale": (0.3, 0.5)}
+    cfg = DataConfig(root=corpus, mode="frame", augment_on="worker", **strong)
+
+    def images(ds) -> dict[tuple[str, int], bytes]:
+        return {(r["video_id"], r["frame_index"]): r["image"].tobytes() for r in rows(ds)}
+
+    assert images(build_dataset(cfg, train=True)) == images(build_dataset(cfg, train=False))
+    mirrored = dataclasses.replace(cfg, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, color_jitter=0.0)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    codes = []
+    for inputs, targets in iter_train_batches(build_dataset(mirrored, train=True), mirrored, 8, epoch=0, device="cpu"):
+        assert inputs.shape == (8, 3, SIZE, SIZE) and inputs.dtype == torch.float32
+        pixels = ((inputs * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        codes += [(*read_code(image), int(y)) for image, y in zip(pixels, targets)]
+    assert codes and all(flipped for _, _, flipped, _ in codes)
+    assert all(frame_label(v, f) == y for v, f, _, y in codes)  # pixels and labels stay together
+
+
+def test_caches_replay_the_first_pass(ray_session, corpus):
+    """data.cache replays training's decoded faces (blocks reordered); a validation cache, its batches."""
+    cfg = DataConfig(root=corpus, mode="frame", augment_on="worker", cache=True, **BASE)
+    cached = build_dataset(cfg, train=True)  # the first pass runs here
+    first, second = rows(cached), rows(cached)
+    key = lambda r: (r["video_id"], r["frame_index"])  # noqa: E731
+    evaluation = rows(build_dataset(cfg, train=False))
+    assert sorted(map(key, first)) == sorted(map(key, second)) == sorted(map(key, evaluation))
+    assert {key(r): r["image"].tobytes() for r in first} == {key(r): r["image"].tobytes() for r in second}
+    for wrong in (dict(augment_on="data"), dict(mode="clip")):
+        with pytest.raises(LoaderError, match="data.cache"):
+            build_dataset(dataclasses.replace(cfg, **wrong), train=True)
+
+    cache: list = []
+    once = list(iter_eval_batches(build_dataset(cfg, train=False), cfg, batch_size=16, device="cpu", cache=cache))
+    assert len(cache) == len(once) > 1
+    again = list(iter_eval_batches(None, cfg, batch_size=16, device="cpu", cache=cache))  # no dataset: memory only
+    assert len(again) == len(once)
+    for (x1, y1, m1), (x2, y2, m2) in zip(once, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and m1["video_id"] == m2["video_id"]
+
+
 def test_streaming_split_and_batch_iterators(ray_session, corpus):
     import ray.data
 

@@ -20,7 +20,9 @@ Pipeline (each step is one module-level function, fused by Ray into one task
 per Parquet file): ``read_parquet`` (needed columns only, file order shuffled
 for training) → :func:`select_segments` (split and held-out videos) →
 :func:`sample_clips` or :func:`sample_frames` (windows inside a segment, JPEG
-decode, one augmentation per clip).
+decode, one augmentation per clip). With ``augment_on: worker`` the tasks only
+decode and resize, and :func:`iter_train_batches` augments each batch on the
+worker instead (:mod:`affectray.data.augment`).
 
 Windows never leave their segment, so a clip never mixes videos or tracks.
 Held-out videos are chosen by :func:`stable_video_hash`, so every frame of a
@@ -117,6 +119,15 @@ class DataConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop aspect range (train)
     hflip: float = 0.5
     color_jitter: float = 0.3  # brightness/contrast/saturation strength, 0 = off
+    # Where training samples are cropped, flipped and jittered: "data" (OpenCV, per sample, in the
+    # Ray Data tasks) or "worker" (tensor ops on the batch, on the training worker's device: see
+    # affectray.data.augment). "worker" leaves the data tasks decode and resize only, which frees
+    # cores on a small CPU machine; the draws follow the same rules either way.
+    augment_on: Literal["data", "worker"] = "data"
+    # Training: decode the first pass into Ray's object store and replay it, blocks reordered, every
+    # later pass (no read or decode after the first; costs N x S x S x 3 bytes of object store). Only
+    # where every pass has the same samples: frame mode, augmented on the worker.
+    cache: bool = False
     # Model input channels: 3 (RGB) or 1 (grey, ITU-R 601 luma as cv2 computes it, e.g. FER2013 models);
     # mean and std have one value per channel, in [0, 1] units.
     channels: int = 3
@@ -190,6 +201,11 @@ def validate(cfg: DataConfig) -> None:
         raise bad("hflip", "is a probability in [0, 1]")
     if not 0.0 <= cfg.color_jitter < 1.0:
         raise bad("color_jitter", "must be in [0, 1)")
+    if cfg.augment_on not in ("data", "worker"):
+        raise bad("augment_on", "use 'data' (in the Ray Data tasks) or 'worker' (on the training batch)")
+    if cfg.cache and (cfg.mode != "frame" or cfg.augment_on != "worker"):
+        raise bad("cache", "replays the first pass: needs mode 'frame' and augment_on 'worker' (else every epoch "
+                  "would repeat the first one's windows and augmentation)")  # fmt: skip
     if cfg.shuffle_buffer < 0:
         raise bad("shuffle_buffer", "must be >= 0")
     if cfg.channels not in (1, 3):
@@ -486,6 +502,7 @@ def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, 
     """
     rows = _Rows(batch)
     salt = _epoch_salt() if train else 0
+    augment = train and cfg.augment_on == "data"  # else decode and resize only, as for evaluation
     T, S = cfg.num_frames, cfg.image_size
     clips, ids, centres, targets, va = [], [], [], [], []
     for i in range(rows.n):
@@ -502,7 +519,7 @@ def sample_clips(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str, 
         decoded = rows.decode(i, windows)
         labels = rows.frame_labels(i)
         for window in windows:
-            clips.append(transform_clip([decoded[int(p)] for p in window], cfg, train=train, rng=rng))
+            clips.append(transform_clip([decoded[int(p)] for p in window], cfg, train=augment, rng=rng))
             ids.append(rows.video_id[i])
             centres.append(frames[window[T // 2]])
             if cfg.va:
@@ -536,6 +553,7 @@ def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str,
     """
     rows = _Rows(batch)
     salt = _epoch_salt() if train else 0
+    augment = train and cfg.augment_on == "data"  # else decode and resize only, as for evaluation
     S = cfg.image_size
     images, ids, indices, targets, va = [], [], [], [], []
     for i in range(rows.n):
@@ -552,7 +570,7 @@ def sample_frames(batch: pa.Table, *, cfg: DataConfig, train: bool) -> dict[str,
         decoded = rows.decode(i, positions)
         labels = rows.frame_labels(i)
         for p in positions:
-            images.append(transform_clip([decoded[int(p)]], cfg, train=train, rng=rng)[0])
+            images.append(transform_clip([decoded[int(p)]], cfg, train=augment, rng=rng)[0])
             ids.append(rows.video_id[i])
             indices.append(frames[p])
             if cfg.va:
@@ -635,12 +653,16 @@ def build_dataset(cfg: DataConfig, *, train: bool, holdout: bool = False) -> ray
             batch_size=None,
             fn_kwargs={"split": cfg.split, "val_fraction": cfg.val_fraction, "holdout": holdout},
         )
-    return ds.map_batches(
+    ds = ds.map_batches(
         sample_clips if cfg.mode == "clip" else sample_frames,
         batch_format="pyarrow",
         batch_size=cfg.segments_per_batch,
         fn_kwargs={"cfg": cfg, "train": train},
     )
+    if train and cfg.cache:
+        # Runs the first pass here, on the driver; later passes only reorder its blocks.
+        ds = ds.materialize().randomize_block_order()
+    return ds
 
 
 # --------------------------------------------------------------------------- counting
@@ -774,15 +796,31 @@ def to_model_input(
     take them); frame mode: ``image`` [B, H, W, 3] → [B, C, H, W]. The conversion runs where
     the tensor lives after the move, i.e. on the GPU when there is one. ``dtype`` defaults to float32.
     """
+    device = _resolve_device(device)
+    x = normalise_pixels(batch[_pixel_key(cfg)].to(device, non_blocking=True), cfg.mean, cfg.std, cfg.channels)
+    return _layout(x, cfg, dtype, clip_layout)
+
+
+def _pixel_key(cfg: DataConfig) -> str:
+    return "video" if cfg.mode == "clip" else "image"
+
+
+def _layout(x: torch.Tensor, cfg: DataConfig, dtype: torch.dtype | None, clip_layout: ClipLayout) -> torch.Tensor:
+    """Normalised [B, T, C, H, W] clips or [B, C, H, W] frames → the model's layout and dtype."""
     import torch
 
-    device = _resolve_device(device)
-    dtype = dtype or torch.float32
-    key = "video" if cfg.mode == "clip" else "image"
-    x = normalise_pixels(batch[key].to(device, non_blocking=True), cfg.mean, cfg.std, cfg.channels)
     if cfg.mode == "clip" and clip_layout == "BCTHW":
         x = x.transpose(1, 2)  # [B, T, C, H, W] -> [B, C, T, H, W]
-    return x.to(dtype).contiguous()
+    return x.to(dtype or torch.float32).contiguous()
+
+
+def _world_rank() -> int:
+    try:
+        import ray.train
+
+        return int(ray.train.get_context().get_world_rank())
+    except Exception:  # noqa: BLE001 - outside a Ray Train worker: one process, rank 0
+        return 0
 
 
 # ITU-R BT.601 luma (0.299, 0.587, 0.114) in cv2.cvtColor's 15-bit fixed point (OpenCV 5), so grey
@@ -799,17 +837,27 @@ def normalise_pixels(
     ``channels`` 1 turns RGB into grey first, level for level as cv2 does.
     Computed in float32 (then cast by the caller): bf16 has too few bits for it to be exact.
     """
+    levels = grey_levels(pixels) if channels == 1 else pixels.movedim(-1, -3).float()
+    return normalise_levels(levels, mean, std)
+
+
+def grey_levels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] RGB → float32 grey levels [..., 1, H, W], exactly cv2's COLOR_RGB2GRAY."""
     import torch
 
     x = pixels.movedim(-1, -3)  # [..., 3, H, W]
-    if channels == 1:
-        luma = torch.tensor(_LUMA_Q15, device=x.device, dtype=torch.int32).view(3, 1, 1)
-        x = ((x.int() * luma).sum(dim=-3, keepdim=True) + (1 << 14)) >> 15
-    x = x.float()
-    shape = (channels, 1, 1)
-    mean_ = torch.tensor(tuple(mean), device=x.device, dtype=torch.float32).view(shape) * 255.0
-    std_ = torch.tensor(tuple(std), device=x.device, dtype=torch.float32).view(shape) * 255.0
-    return (x - mean_) / std_
+    luma = torch.tensor(_LUMA_Q15, device=x.device, dtype=torch.int32).view(3, 1, 1)
+    return (((x.int() * luma).sum(dim=-3, keepdim=True) + (1 << 14)) >> 15).float()
+
+
+def normalise_levels(levels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float levels in [0, 255], [..., C, H, W] → (x / 255 - mean) / std per channel."""
+    import torch
+
+    shape = (levels.shape[-3], 1, 1)
+    mean_ = torch.tensor(tuple(mean), device=levels.device, dtype=torch.float32).view(shape) * 255.0
+    std_ = torch.tensor(tuple(std), device=levels.device, dtype=torch.float32).view(shape) * 255.0
+    return (levels - mean_) / std_
 
 
 def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> torch.Tensor | None:
@@ -841,9 +889,17 @@ def iter_train_batches(
 
     ``shard`` is what ``ray.train.get_dataset_shard("train")`` returns (or a Dataset).
     Rows are mixed by a local shuffle buffer seeded with ``cfg.seed + epoch``; the last
-    incomplete batch is dropped so every DDP rank runs the same number of steps.
+    incomplete batch is dropped so every DDP rank runs the same number of steps. With
+    ``cfg.augment_on`` "worker" each batch is augmented here (:mod:`affectray.data.augment`),
+    with draws seeded by ``(cfg.seed, epoch, rank)``.
     """
+    import torch
+
+    from affectray.data.augment import augment_batch
+
     device = _resolve_device(device)
+    seed = np.random.SeedSequence([cfg.seed, epoch, _world_rank()]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(seed))
     buffer = cfg.shuffle_buffer or 4 * batch_size
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
@@ -856,8 +912,20 @@ def iter_train_batches(
         prefetch_batches=2,
     )
     for batch in batches:
-        inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)
+        if cfg.augment_on == "worker":
+            inputs = _layout(augment_batch(batch[_pixel_key(cfg)], cfg, generator), cfg, dtype, clip_layout)
+        else:
+            inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)
         yield inputs, _targets(batch, cfg, device), *_va_targets(batch, cfg, device)
+
+
+def _recorded(batches: Iterator[dict[str, Any]], cache: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches`` passed through, added to ``cache`` only once all of them came (never half a pass)."""
+    seen = []
+    for batch in batches:
+        seen.append(batch)
+        yield batch
+    cache.extend(seen)
 
 
 def iter_eval_batches(
@@ -868,21 +936,31 @@ def iter_eval_batches(
     dtype: torch.dtype | None = None,
     *,
     clip_layout: ClipLayout = "BCTHW",
+    cache: list[dict[str, Any]] | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Every evaluation sample once, in arrival order: (inputs, targets or None, meta).
 
     ``meta`` holds ``video_id`` (list of str) and ``frame_index`` (int64 tensor, the
     centre frame) for per-video metrics and temporal smoothing. With ``cfg.va``:
     (inputs, targets, meta, va), va [B, 2] float32, NaN where unannotated.
+
+    ``cache``, a list kept between calls (validation after every epoch): an empty one is
+    filled with the decoded uint8 batches once a pass over ``ds`` completes; a filled one is
+    read instead of ``ds`` (which may then be None). It holds N x S x S x 3 bytes.
     """
     device = _resolve_device(device)
-    batches = ds.iter_torch_batches(
-        batch_size=batch_size,
-        drop_last=False,
-        collate_fn=_collate_fn(keep_ids=True),
-        device="cpu",  # the output holds a list of ids, so Ray leaves the move to us
-        prefetch_batches=2,
-    )
+    if cache:
+        batches: Iterator[dict[str, Any]] = iter(cache)
+    else:
+        batches = ds.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=False,
+            collate_fn=_collate_fn(keep_ids=True),
+            device="cpu",  # the output holds a list of ids, so Ray leaves the move to us
+            prefetch_batches=2,
+        )
+        if cache is not None:
+            batches = _recorded(batches, cache)
     for batch in batches:
         meta = {"video_id": batch["video_id"], "frame_index": batch["frame_index"]}
         inputs = to_model_input(batch, cfg, device, dtype, clip_layout=clip_layout)

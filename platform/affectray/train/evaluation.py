@@ -110,6 +110,7 @@ def evaluate_model(
     device: Any = "cpu",
     smooth_window: int = 1,
     flip: bool = False,
+    cache: list | None = None,
 ) -> EvalResult:
     """Predict every evaluation sample of ``data`` with ``model.probabilities`` and score it in ``class_view``.
 
@@ -117,6 +118,7 @@ def evaluate_model(
     rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
     consecutive predicted frames of a video first (the smoothing the label job applies);
     ``flip`` averages each prediction with its mirror image's (``Preprocessing.test_flip``).
+    ``cache`` keeps the decoded inputs between calls (:func:`~affectray.data.loaders.iter_eval_batches`).
     A model with a VA head (``model.predicts_va``) on ``data.va`` samples is also scored
     with ``ccc_valence``, ``ccc_arousal`` and ``ccc_mean`` on its raw per-frame VA (what the
     label job writes); expression figures then need only exist where rows have labels.
@@ -135,8 +137,9 @@ def evaluate_model(
     probs, targets, ids, frames, va_true, va_pred = [], [], [], [], [], []
     unlabelled = 0  # rows kept for their valence/arousal alone
     with torch.inference_mode():
+        dataset = None if cache else build_dataset(cfg, train=False, holdout=holdout)
         for inputs, y, meta, *va in iter_eval_batches(
-            build_dataset(cfg, train=False, holdout=holdout), cfg, batch_size, device, clip_layout="BTCHW"
+            dataset, cfg, batch_size, device, clip_layout="BTCHW", cache=cache
         ):
             outputs = predict_batch(model, inputs, flip=flip)  # clips as windows of frames [B, T, C, H, W]
             probs.append(outputs["probs"].cpu().numpy())

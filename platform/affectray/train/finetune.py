@@ -114,6 +114,9 @@ class EvalConfig:
     # Test-time flip: score the average of each face's and its mirror image's prediction. The
     # checkpoint records it (preprocessing.test_flip): label and predict then predict the same way.
     flip: bool = False
+    # Keep the validation inputs (decoded uint8, N x S x S x 3 bytes) in the training worker after the
+    # first validation, and score later epochs from memory: no Ray Data pass per epoch.
+    cache: bool = False
 
 
 @dataclass
@@ -384,6 +387,7 @@ class ClassifierTask:
         self.manifest = manifest or {}
         self.last_eval: dict[str, Any] = {}
         self.built_description: dict[str, Any] | None = None  # model.describe() of the built model
+        self.eval_cache: list[dict[str, Any]] = []  # validation batches, with eval.cache (filled on the worker)
 
     # -- model
     def build_model(self):
@@ -444,6 +448,7 @@ class ClassifierTask:
             device=device,
             smooth_window=self.config.eval.smooth_window,
             flip=self.config.eval.flip,
+            cache=self.eval_cache if self.config.eval.cache else None,
         )
         self.last_eval = result.metrics
         # Expression figures need labelled rows (a VA-only corpus has none), VA figures a VA head.
