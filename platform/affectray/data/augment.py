@@ -19,15 +19,21 @@ frames, as the data path gives it (consistent spatial augmentation, VideoMAE).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-    from affectray.data.loaders import DataConfig
+DataConfig = Any  # affectray.data.loaders.DataConfig (which imports this module)
 
-__all__ = ["AugmentDraw", "augment_batch", "draw_augmentation"]
+__all__ = ["AugmentDraw", "augment_batch", "draw_augmentation", "grey_levels", "normalise_levels"]
+
+# ITU-R BT.601 luma (0.299, 0.587, 0.114) in cv2.cvtColor's 15-bit fixed point (OpenCV 5), so grey
+# levels here are exactly those of cv2.cvtColor(..., COLOR_RGB2GRAY) that FER2013 models saw.
+_LUMA_Q15 = (9798, 19235, 3735)
+
 
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale weighs channels for contrast and saturation.
 _LUMA = (0.299, 0.587, 0.114)
@@ -106,8 +112,6 @@ def augment_batch(pixels: torch.Tensor, cfg: DataConfig, generator: torch.Genera
     """
     import torch.nn.functional as F
 
-    from affectray.data.loaders import grey_levels, normalise_levels
-
     clip = pixels.dim() == 5
     batch, frames = pixels.shape[0], (pixels.shape[1] if clip else 1)
     height, width = pixels.shape[-3:-1]
@@ -123,3 +127,22 @@ def augment_batch(pixels: torch.Tensor, cfg: DataConfig, generator: torch.Genera
         levels = _jitter(levels, draw, frames)
     x = normalise_levels(levels, cfg.mean, cfg.std)
     return x.view(batch, frames, *x.shape[1:]) if clip else x
+
+
+def grey_levels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] RGB → float32 grey levels [..., 1, H, W], exactly cv2's COLOR_RGB2GRAY."""
+    import torch
+
+    x = pixels.movedim(-1, -3)  # [..., 3, H, W]
+    luma = torch.tensor(_LUMA_Q15, device=x.device, dtype=torch.int32).view(3, 1, 1)
+    return (((x.int() * luma).sum(dim=-3, keepdim=True) + (1 << 14)) >> 15).float()
+
+
+def normalise_levels(levels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float levels in [0, 255], [..., C, H, W] → (x / 255 - mean) / std per channel."""
+    import torch
+
+    shape = (levels.shape[-3], 1, 1)
+    mean_ = torch.tensor(tuple(mean), device=levels.device, dtype=torch.float32).view(shape) * 255.0
+    std_ = torch.tensor(tuple(std), device=levels.device, dtype=torch.float32).view(shape) * 255.0
+    return (levels - mean_) / std_
