@@ -21,22 +21,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
+
+from affectray.data.pixels import grey_levels, normalise_levels
 
 if TYPE_CHECKING:
     import torch
 
-DataConfig = Any  # affectray.data.loaders.DataConfig (which imports this module)
-
-__all__ = ["AugmentDraw", "augment_batch", "draw_augmentation", "grey_levels", "normalise_levels"]
-
-# ITU-R BT.601 luma (0.299, 0.587, 0.114) in cv2.cvtColor's 15-bit fixed point (OpenCV 5), so grey
-# levels here are exactly those of cv2.cvtColor(..., COLOR_RGB2GRAY) that FER2013 models saw.
-_LUMA_Q15 = (9798, 19235, 3735)
-
+__all__ = ["AugmentDraw", "AugmentSettings", "augment_batch", "draw_augmentation"]
 
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale weighs channels for contrast and saturation.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+class AugmentSettings(Protocol):
+    """What the augmentation reads of a config: affectray.data.loaders.DataConfig has it all."""
+
+    image_size: int
+    channels: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    color_jitter: float
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class AugmentDraw:
     saturation: torch.Tensor  # [B]
 
 
-def draw_augmentation(batch_size: int, cfg: DataConfig, generator: torch.Generator) -> AugmentDraw:
+def draw_augmentation(batch_size: int, cfg: AugmentSettings, generator: torch.Generator) -> AugmentDraw:
     """Crop box, flip and jitter factors for ``batch_size`` samples, drawn on the CPU."""
     import torch
 
@@ -101,11 +109,11 @@ def _jitter(levels: torch.Tensor, draw: AugmentDraw, repeat: int) -> torch.Tenso
     return out
 
 
-def augment_batch(pixels: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(pixels: torch.Tensor, cfg: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
     """uint8 faces [B, H, W, 3] or clips [B, T, H, W, 3] → augmented, normalised float32.
 
     Out: [B, C, S, S] or [B, T, C, S, S] with S = ``cfg.image_size`` and C = ``cfg.channels``,
-    normalised as :func:`affectray.data.loaders.normalise_pixels` does. Runs where ``pixels``
+    normalised as :func:`affectray.data.pixels.normalise_pixels` does. Runs where ``pixels``
     live; the draws come from ``generator`` (a CPU generator), so a seed repeats a batch.
     With the identity draw (scale and ratio 1, no flip, no jitter) it gives the evaluation
     input of the same faces.
@@ -127,22 +135,3 @@ def augment_batch(pixels: torch.Tensor, cfg: DataConfig, generator: torch.Genera
         levels = _jitter(levels, draw, frames)
     x = normalise_levels(levels, cfg.mean, cfg.std)
     return x.view(batch, frames, *x.shape[1:]) if clip else x
-
-
-def grey_levels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., H, W, 3] RGB → float32 grey levels [..., 1, H, W], exactly cv2's COLOR_RGB2GRAY."""
-    import torch
-
-    x = pixels.movedim(-1, -3)  # [..., 3, H, W]
-    luma = torch.tensor(_LUMA_Q15, device=x.device, dtype=torch.int32).view(3, 1, 1)
-    return (((x.int() * luma).sum(dim=-3, keepdim=True) + (1 << 14)) >> 15).float()
-
-
-def normalise_levels(levels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float levels in [0, 255], [..., C, H, W] → (x / 255 - mean) / std per channel."""
-    import torch
-
-    shape = (levels.shape[-3], 1, 1)
-    mean_ = torch.tensor(tuple(mean), device=levels.device, dtype=torch.float32).view(shape) * 255.0
-    std_ = torch.tensor(tuple(std), device=levels.device, dtype=torch.float32).view(shape) * 255.0
-    return (levels - mean_) / std_

@@ -48,7 +48,7 @@ import hashlib
 import math
 import posixpath
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,7 +61,7 @@ from affectray import storage
 from affectray.checkpoints import Preprocessing
 from affectray.config import location
 from affectray.data import shards
-from affectray.data.augment import grey_levels, normalise_levels
+from affectray.data.pixels import normalise_pixels
 from affectray.errors import AffectrayError
 from affectray.faces.jpeg import decode_jpeg
 
@@ -822,19 +822,6 @@ def _world_rank() -> int:
         return int(ray.train.get_context().get_world_rank())
     except Exception:  # noqa: BLE001 - outside a Ray Train worker: one process, rank 0
         return 0
-
-
-def normalise_pixels(
-    pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int = 3
-) -> torch.Tensor:
-    """uint8 [..., H, W, 3] RGB → float32 [..., C, H, W], (x / 255 - mean) / std per channel.
-
-    The one normalisation of model inputs: training, evaluation and inference all call it.
-    ``channels`` 1 turns RGB into grey first, level for level as cv2 does.
-    Computed in float32 (then cast by the caller): bf16 has too few bits for it to be exact.
-    """
-    levels = grey_levels(pixels) if channels == 1 else pixels.movedim(-1, -3).float()
-    return normalise_levels(levels, mean, std)
 
 
 def _targets(batch: dict[str, Any], cfg: DataConfig, device: torch.device) -> torch.Tensor | None:
