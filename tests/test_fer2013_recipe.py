@@ -15,6 +15,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from tests.conftest import FER2013, REPO_ROOT
@@ -25,6 +26,8 @@ from affectray.config import load_config
 from affectray.label.job import LabelConfig, run_label
 from affectray.labels import BASIC7
 from affectray.models.builtin import builtin_checkpoint
+from affectray.models.inference import load_classifier
+from affectray.train.evaluation import evaluate_model
 from affectray.train.finetune import FinetuneConfig, prepare_data, run_finetune
 
 RECIPE = REPO_ROOT / "jobs" / "configs" / "finetune-fer2013.yaml"
@@ -85,6 +88,20 @@ def test_the_recipe_ingests_trains_a_7_way_head_and_validates_on_publictest(reci
     meta = json.loads((Path(first["checkpoint"]) / "meta.json").read_text())
     assert meta["preprocessing"]["channels"] == 1 and meta["preprocessing"]["crop"] == "box"
     assert meta["preprocessing"]["test_flip"]  # eval.flip: label and predict average the mirror image too
+    assert meta["preprocessing"]["test_crops"] == 0.9  # eval.crops: and five crops of each face
+
+
+def test_the_runs_figures_are_the_best_checkpoints_with_its_test_time_crops(recipe_run):
+    # Epochs validate with the flip alone; the checkpoint they pick is scored again with the crops.
+    first, _, tmp = recipe_run
+    assert first["test_time"] == {"flip": True, "crops": 0.9}
+    classifier = load_classifier(first["checkpoint"])
+    data = dataclasses.replace(load_config(FinetuneConfig, RECIPE).data, root=str(tmp / "shards" / "publictest"))
+    scored = {crops: evaluate_model(classifier.model, data, holdout=False, class_view="basic7", flip=True, crops=crops)
+              for crops in (None, 0.9)}  # fmt: skip
+    assert scored[None].metrics["accuracy"] == first["selection_metrics"]["accuracy"]  # the epoch's validation
+    assert scored[0.9].metrics["accuracy"] == first["metrics"]["accuracy"]
+    assert not np.array_equal(scored[None].probs, scored[0.9].probs)  # the crops change what is scored
 
 
 def test_predict_and_label_use_the_recipes_checkpoint(recipe_run, real_video, capsys):

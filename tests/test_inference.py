@@ -13,7 +13,7 @@ from affectray import storage
 from affectray.checkpoints import CheckpointError, save_checkpoint
 from affectray.data.loaders import centred_windows
 from affectray.labels import ABAW8
-from affectray.models.inference import load_classifier
+from affectray.models.inference import five_crops, load_classifier
 from affectray.models.registry import create_model
 
 S = 32
@@ -84,6 +84,62 @@ def test_test_flip_averages_each_face_with_its_mirror_image(tmp_path):
         mirrored = model(normalise(x[:, :, ::-1].copy()))["logits"].softmax(-1)
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the model is not symmetric: the test can fail
     np.testing.assert_allclose(classifier.predict_track(x), ((plain + mirrored) / 2).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (2, 3, 1)])  # frames [B, C, ...] and clips [B, T, C, ...]
+def test_five_crops_are_the_centre_and_corners_resampled_to_the_input_size(layout):
+    # A linear ramp survives bilinear resampling exactly: every output pixel reads the input
+    # position its crop maps it to, so the test sees where each crop lies and how large it is.
+    h = w = 20
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    ramp = (100 * rows + cols).expand(*layout, h, w)
+    side = 0.6
+    centres = {
+        "centre": (0, 0),
+        "top-left": (-1, -1),
+        "top-right": (-1, 1),
+        "bottom-left": (1, -1),
+        "bottom-right": (1, 1),
+    }
+    for (name, (cy, cx)), crop in zip(centres.items(), five_crops(ramp, side)):
+        assert crop.shape == ramp.shape, name
+        # output pixel i of n -> [-1, 1] -> scaled and shifted into the input -> input pixel position
+        y = ((side * ((2 * rows + 1) / h - 1) + cy * (1 - side)) + 1) * h / 2 - 0.5
+        x = ((side * ((2 * cols + 1) / w - 1) + cx * (1 - side)) + 1) * w / 2 - 0.5
+        inside = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)  # the border is clamped, as padding says
+        assert inside.float().mean() > 0.8
+        torch.testing.assert_close(crop[..., inside], (100 * y + x)[inside].expand_as(crop[..., inside]))
+        # Its edges, in input pixels (an output pixel spans `side` of one): a corner crop reaches
+        # the image's two edges at its corner, the centre crop is centred, all are side * w wide.
+        for pos, shift, n in ((x[0], cx, w), (y[:, 0], cy, h)):
+            first, last = float(pos[0]) - side / 2, float(pos[-1]) + side / 2
+            assert last - first == pytest.approx(side * n)
+            assert {-1: first, 0: (first + last) / 2, 1: last}[shift] == pytest.approx(
+                {-1: -0.5, 0: n / 2 - 0.5, 1: n - 0.5}[shift]
+            )
+
+
+def test_test_crops_average_the_full_view_and_five_crops_each_with_its_mirror(tmp_path):
+    model = frame_model()
+    directory = save_classifier(tmp_path / "ckpt", model)
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    meta["preprocessing"].update(test_flip=True, test_crops=0.8)
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    classifier = load_classifier(directory)
+    assert classifier.preprocessing.test_crops == 0.8
+
+    x = normalise(faces(4))
+    with torch.no_grad():
+        views = [x, *five_crops(x, 0.8)]
+        each = [model(v)["logits"].softmax(-1) for view in views for v in (view, view.flip(-1))]
+    assert len(each) == 12 and not torch.allclose(each[0], each[2], atol=1e-3)  # a crop changes the prediction
+    np.testing.assert_allclose(classifier.predict_track(faces(4)), torch.stack(each).mean(0).numpy(), atol=1e-5)
+    meta["preprocessing"]["test_crops"] = 1.5
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="test_crops is a side fraction"):
+        load_classifier(directory)
 
 
 def test_faces_of_another_size_are_resized_to_the_checkpoints(tmp_path):

@@ -56,8 +56,14 @@ class Preprocessing:
     # score this way). Inference and evaluation both honour it, so the label job sees what
     # the validation score measured.
     test_flip: bool = False
+    # Test-time crops: five crops of this side (a fraction of the input's), at the corners and the
+    # centre, each resampled to the input size and averaged with the full view (and, with
+    # test_flip, all twelve with their mirror images): the ten-crop testing of FER2013 papers.
+    test_crops: float | None = None
 
     def __post_init__(self) -> None:
+        if self.test_crops is not None and not 0.0 < self.test_crops < 1.0:
+            raise CheckpointError(f"preprocessing.test_crops is a side fraction in (0, 1), got {self.test_crops}")
         if self.channels not in (1, 3):
             raise CheckpointError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
         for name in ("mean", "std"):
@@ -83,6 +89,7 @@ class Preprocessing:
             crop=str(p.get("crop", "aligned")),
             box_margin=float(p.get("box_margin", 0.0)),
             test_flip=bool(p.get("test_flip", False)),
+            test_crops=None if p.get("test_crops") is None else float(p["test_crops"]),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ classifier carries::
     label_set      {"name": "abaw8" | "cfc_coarse" | ..., "classes": [...]}
     preprocessing  {"mode": "frame" | "clip", "image_size", "num_frames", "frame_stride", "mean", "std",
                     "channels" (3, or 1: grayscale), "crop" ("aligned" | "box"), "box_margin",
-                    "test_flip" (average with the mirror image's prediction)}
+                    "test_flip" (average with the mirror image's prediction),
+                    "test_crops" (and with five crops' of this side)}
     outputs        ["expression"] or ["expression", "va"]: the model also predicts valence and arousal
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from affectray import checkpoints as ckpt
 from affectray.checkpoints import Preprocessing
@@ -47,23 +49,55 @@ __all__ = [
     "inspect_classifier",
     "load_classifier",
     "load_model",
+    "five_crops",
     "predict_batch",
+    "prediction_views",
 ]
 
 BUILTIN_PREFIX = "builtin:"
 
 
+# Where the five test-time crops sit: centres in the input's [-1, 1] coordinates, in units of (1 - side).
+_FIVE_CROP_CENTRES = ((0.0, 0.0), (-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0))  # (y, x): centre, corners
+
+
+def five_crops(inputs: torch.Tensor, side: float) -> list[torch.Tensor]:
+    """The centre and four corner crops of ``side`` (a fraction of height and width), each
+    resampled to the input's size (bilinear, as the worker's training crops are):
+    [..., C, H, W] in, five tensors of the same shape out.
+    """
+    lead, (c, h, w) = inputs.shape[:-3], inputs.shape[-3:]
+    flat = inputs.reshape(-1, c, h, w)
+    views = []
+    for cy, cx in _FIVE_CROP_CENTRES:
+        shift = 1.0 - side  # a corner crop's centre lies (1 - side) from the input's centre
+        theta = torch.tensor([[side, 0.0, cx * shift], [0.0, side, cy * shift]], dtype=flat.dtype, device=flat.device)
+        grid = F.affine_grid(theta.expand(len(flat), 2, 3), list(flat.shape), align_corners=False)
+        crop = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        views.append(crop.reshape(*lead, c, h, w))
+    return views
+
+
+def prediction_views(inputs: torch.Tensor, *, flip: bool = False, crops: float | None = None) -> list[torch.Tensor]:
+    """The views a prediction averages: the input, its five crops of side ``crops`` and, with
+    ``flip``, the mirror image of each (:attr:`Preprocessing.test_flip`, ``test_crops``)."""
+    views = [inputs, *(five_crops(inputs, crops) if crops else ())]
+    return [mirrored for view in views for mirrored in ((view, view.flip(-1)) if flip else (view,))]
+
+
 @torch.inference_mode()
-def predict_batch(model: torch.nn.Module, inputs: torch.Tensor, *, flip: bool = False) -> dict[str, torch.Tensor]:
+def predict_batch(
+    model: torch.nn.Module, inputs: torch.Tensor, *, flip: bool = False, crops: float | None = None
+) -> dict[str, torch.Tensor]:
     """Model-ready inputs ([B, C, H, W] or [B, T, C, H, W]) → ``probs`` [B, classes] and, with a
     VA head, ``va`` [B, 2], on the inputs' device; bf16 autocast on CUDA.
 
-    ``flip`` averages each prediction with the one for the mirror image (width is the last
-    axis in both layouts): the test-time flip of :attr:`Preprocessing.test_flip`.
+    ``flip`` and ``crops`` average the predictions of several views of each input
+    (:func:`prediction_views`; width is the last axis in both layouts): the test-time flip and crops
+    of :class:`Preprocessing`.
     """
-    views = (inputs, inputs.flip(-1)) if flip else (inputs,)
     probs, va = [], []
-    for view in views:
+    for view in prediction_views(inputs, flip=flip, crops=crops):
         with torch.autocast(device_type=view.device.type, dtype=torch.bfloat16, enabled=view.device.type == "cuda"):
             outputs = model(view)
         probs.append(model.probabilities(outputs).float())
@@ -106,7 +140,8 @@ class Classifier:
     @torch.inference_mode()
     def predict_outputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model-ready float inputs → ``probs`` [B, classes] and, with a VA head, ``va`` [B, 2], on the CPU."""
-        out = predict_batch(self.model, inputs.to(self.device), flip=self.preprocessing.test_flip)
+        pre = self.preprocessing
+        out = predict_batch(self.model, inputs.to(self.device), flip=pre.test_flip, crops=pre.test_crops)
         return {name: value.cpu() for name, value in out.items()}
 
     def predict_track(self, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:

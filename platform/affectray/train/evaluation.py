@@ -110,6 +110,7 @@ def evaluate_model(
     device: Any = "cpu",
     smooth_window: int = 1,
     flip: bool = False,
+    crops: float | None = None,
     cache: list | None = None,
 ) -> EvalResult:
     """Predict every evaluation sample of ``data`` with ``model.probabilities`` and score it in ``class_view``.
@@ -117,7 +118,8 @@ def evaluate_model(
     ``holdout`` reads the videos that ``data.val_fraction`` holds out; otherwise the
     rows ``data`` selects. ``smooth_window`` > 1 averages probabilities over that many
     consecutive predicted frames of a video first (the smoothing the label job applies);
-    ``flip`` averages each prediction with its mirror image's (``Preprocessing.test_flip``).
+    ``flip`` averages each prediction with its mirror image's (``Preprocessing.test_flip``),
+    ``crops`` with its five crops' of that side (``Preprocessing.test_crops``).
     ``cache`` keeps the decoded inputs between calls (:func:`~affectray.data.loaders.iter_eval_batches`).
     A model with a VA head (``model.predicts_va``) on ``data.va`` samples is also scored
     with ``ccc_valence``, ``ccc_arousal`` and ``ccc_mean`` on its raw per-frame VA (what the
@@ -141,7 +143,7 @@ def evaluate_model(
         for inputs, y, meta, *va in iter_eval_batches(
             dataset, cfg, batch_size, device, clip_layout="BTCHW", cache=cache
         ):
-            outputs = predict_batch(model, inputs, flip=flip)  # clips as windows of frames [B, T, C, H, W]
+            outputs = predict_batch(model, inputs, flip=flip, crops=crops)  # clips as windows of frames [B, T, C, H, W]
             probs.append(outputs["probs"].cpu().numpy())
             if score_va:
                 va_true.append(va[0].cpu().numpy())
@@ -206,6 +208,13 @@ def checkpoint_data_config(meta: dict[str, Any], root: str) -> tuple[DataConfig,
     return data, False
 
 
+def _crop_side(text: str) -> float:
+    side = float(text)
+    if not 0.0 <= side < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a side fraction in [0, 1) (e.g. 0.9; 0 for no crops)")
+    return side
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="classifier checkpoint URI (a finetune run's best_checkpoint, or a cascade)")
     parser.add_argument("shards", help="shard root to score (local dir or s3:// prefix)")
@@ -220,6 +229,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="average each prediction with its mirror image's (default: the checkpoint's preprocessing.test_flip)",
+    )
+    parser.add_argument(
+        "--crops",
+        type=_crop_side,
+        default=None,
+        metavar="SIDE",
+        help="also average the predictions of five crops of this side (a fraction, e.g. 0.9: the corners and the "
+        "centre, resized back), 0 for none (default: the checkpoint's preprocessing.test_crops)",
     )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 
@@ -238,11 +255,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     data, holdout = checkpoint_data_config(meta, shards_root)
     if args.split is not None or args.all:
         data, holdout = dataclasses.replace(data, split=args.split, val_fraction=0.0), False
+    flip = classifier.preprocessing.test_flip if args.flip is None else args.flip
+    crops = classifier.preprocessing.test_crops if args.crops is None else (args.crops or None)
     smooth = args.smooth_window or int((meta.get("validation") or {}).get("smooth_window", 1))
     result = evaluate_model(
         classifier.model, data, holdout=holdout, class_view=checkpoint_class_view(meta),
         batch_size=args.batch_size, device=device, smooth_window=smooth,
-        flip=classifier.preprocessing.test_flip if args.flip is None else args.flip,
+        flip=flip, crops=crops,
     )  # fmt: skip
     metrics = result.metrics
     print(format_metrics(metrics))
@@ -252,7 +271,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "model_id": classifier.model_id,
         "shards": shards_root,
         "selection": {"split": data.split, "holdout": holdout, "val_fraction": data.val_fraction},
-        "test_flip": classifier.preprocessing.test_flip if args.flip is None else args.flip,
+        "test_flip": flip,
+        "test_crops": crops,
         "num_classes": len(metrics["classes"]),
         "classes": metrics["classes"],
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},

@@ -20,6 +20,8 @@ macro F1, accuracy, UAR, WAR and ABAW2; the best checkpoint by
 ``eval.metric`` is kept at ``<run>/best_checkpoint``, self-describing, so
 ``affectray evaluate`` and ``affectray label`` take it as it is. The run also
 gets ``metrics.csv`` (every report) and ``confusion.png`` (best checkpoint).
+With test-time crops (``eval.crops``) the best checkpoint is scored once more,
+with them, at the end: those are the run's figures.
 
 Valence/arousal (ABAW VA): ``loss.va_weight > 0`` gives the model a VA head
 (``va_head``; the frame family has one), reads each sample's valence and arousal
@@ -114,6 +116,12 @@ class EvalConfig:
     # Test-time flip: score the average of each face's and its mirror image's prediction. The
     # checkpoint records it (preprocessing.test_flip): label and predict then predict the same way.
     flip: bool = False
+    # Test-time crops (null: none): five crops of this side, a fraction of the input's (the corners and
+    # the centre, resampled to the input size), averaged with the full view (and, with flip, all with
+    # their mirrors): FER2013's ten-crop testing. Six times a validation's predictions, so epochs
+    # validate without them and pick the best checkpoint; that one is then scored once with them,
+    # which are the run's figures; the checkpoint records them (preprocessing.test_crops).
+    crops: float | None = None
     # Keep the validation inputs (decoded uint8, N x S x S x 3 bytes) in the training worker after the
     # first validation, and score later epochs from memory: no Ray Data pass per epoch.
     cache: bool = False
@@ -157,6 +165,8 @@ class FinetuneConfig:
             raise ConfigError(
                 "no validation data: set data.val_fraction > 0 (held-out videos), eval.split or eval.root"
             )
+        if self.eval.crops is not None and not 0.0 < self.eval.crops < 1.0:
+            raise ConfigError(f"eval.crops is a side fraction in (0, 1) (e.g. 0.9), got {self.eval.crops}")
         self._check_va()
 
     def _check_va(self) -> None:
@@ -471,7 +481,9 @@ class ClassifierTask:
             "class_view": self.config.class_view,
             # What the model predicts: "va" = valence and arousal (a VA head: loss.va_weight > 0).
             "outputs": ["expression", "va"] if self.config.loss.va_weight > 0 else ["expression"],
-            "preprocessing": dataclasses.replace(preprocessing_of(data), test_flip=self.config.eval.flip).to_dict(),
+            "preprocessing": dataclasses.replace(
+                preprocessing_of(data), test_flip=self.config.eval.flip, test_crops=self.config.eval.crops
+            ).to_dict(),
             # What validation read, so `affectray evaluate` can score the same frames again.
             "validation": {
                 "data": config_to_dict(val_data),
@@ -500,6 +512,25 @@ def prepare_data(jobs: list[IngestConfig]) -> list[dict[str, Any]]:
             summary = run_ingest(dataclasses.replace(job, source=source))
         done.append({"source": job.source, "out": job.out, "rows": summary["rows"], "failed": summary["failed"]})
     return done
+
+
+def score_with_test_crops(checkpoint: str, config: FinetuneConfig) -> dict[str, Any]:
+    """The run's validation of ``checkpoint`` again, with the test-time crops (``eval.crops``).
+
+    On the driver, as ``affectray evaluate`` scores (the training workers are gone by now),
+    from the checkpoint as label and predict load it: what they predict is what is scored.
+    """
+    from affectray.models.inference import load_classifier
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier = load_classifier(checkpoint, device=device)
+    data, holdout = validation_data(config)
+    pre = classifier.preprocessing
+    result = evaluate_model(
+        classifier.model, data, holdout=holdout, class_view=config.class_view, batch_size=config.eval.batch_size,
+        device=device, smooth_window=config.eval.smooth_window, flip=pre.test_flip, crops=pre.test_crops,
+    )  # fmt: skip
+    return result.metrics
 
 
 def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[str, Any]:
@@ -543,13 +574,21 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
     with ckpt.open_checkpoint(best_uri) as directory:
         best = ckpt.read_meta(directory)
     metrics = best["validation"]["metrics"]
+    selection_metrics = None
+    if config.eval.crops:
+        selection_metrics, metrics = metrics, score_with_test_crops(best_uri, config)
+        logger.info(
+            "best checkpoint with its test-time crops: %s %.4f (the epoch's validation without them: %.4f)",
+            config.eval.metric, metrics[config.eval.metric], selection_metrics[config.eval.metric],
+        )  # fmt: skip
     confusion_png = storage.join(run_uri, "confusion.png")
     from affectray.report import confusion_matrix_png
 
     if "confusion" in metrics:  # a VA-only corpus has no expression labels to confuse
         confusion_matrix_png(
             metrics["confusion"], metrics["classes"], confusion_png,
-            title=f"{config.run.name}: step {best['step']}, {config.eval.metric} {metrics[config.eval.metric]:.3f}",
+            title=f"{config.run.name}: step {best['step']}, {config.eval.metric} {metrics[config.eval.metric]:.3f}"
+            + (f" (test-time flip and crops of {config.eval.crops})" if selection_metrics else ""),
         )  # fmt: skip
     else:
         confusion_png = None
@@ -572,6 +611,14 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
         "best_step": best["step"],
         "metric": config.eval.metric,
         "metrics": {k: v for k, v in metrics.items() if k != "classes"},
+        # With eval.crops: `metrics` are the best checkpoint's with its test-time crops, and these the
+        # validation that picked it (without them).
+        **(
+            {"selection_metrics": {k: v for k, v in selection_metrics.items() if k != "classes"}}
+            if selection_metrics
+            else {}
+        ),
+        "test_time": {"flip": config.eval.flip, "crops": config.eval.crops},
         "checkpoint": best_uri,
         "metrics_csv": storage.join(run_uri, METRICS_FILE),
         "confusion_png": confusion_png,
