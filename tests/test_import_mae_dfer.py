@@ -243,7 +243,7 @@ def test_dfew_model_imports_strictly_and_gives_their_logits(dfew_file, tmp_path)
     assert meta["preprocessing"] == {
         "mode": "clip", "image_size": SIZE, "num_frames": FRAMES, "frame_stride": 4, "channels": 3,
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop": "box", "box_margin": 0.0,
-        "test_flip": False,
+        "test_flip": False, "test_crops": None,
     }  # fmt: skip
     assert meta["source"]["format"] == "mae-dfer" and meta["source"]["epoch"] == 37
     assert meta["source"]["heads_from"] == "model vit_base_dim512_no_depth_patch16_160"
