@@ -260,7 +260,7 @@ def test_evaluate_agrees_with_the_runs_validation(smoke_run, shards):
     summary, _ = smoke_run
     args = argparse.Namespace(
         checkpoint=summary["checkpoint"], shards=shards, split=None, all=False, batch_size=17,
-        smooth_window=None, address=None, flip=None,
+        smooth_window=None, address=None, flip=None, crops=None,
     )  # fmt: skip
     evaluated = evaluation.main(args)
     assert evaluated["num_classes"] == 8
@@ -269,6 +269,19 @@ def test_evaluate_agrees_with_the_runs_validation(smoke_run, shards):
     # Scoring every row instead (training videos included) is a different, larger selection.
     everything = evaluation.main(argparse.Namespace(**{**vars(args), "all": True}))
     assert everything["metrics"]["count"] > evaluated["metrics"]["count"]
+    # --crops: the same rows, each scored as the mean of its full view and five crops.
+    cropped = evaluation.main(argparse.Namespace(**{**vars(args), "crops": 0.8}))
+    assert cropped["test_crops"] == 0.8 and evaluated["test_crops"] is None
+    assert cropped["metrics"]["count"] == evaluated["metrics"]["count"]
+
+
+def test_evaluate_refuses_a_crop_side_outside_0_to_1(capsys):
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ckpt", "shards", "--crops", "1.5"])
+    assert "1.5 is not a side fraction in [0, 1)" in capsys.readouterr().err
+    assert parser.parse_args(["ckpt", "shards", "--crops", "0"]).crops == 0.0
 
 
 def test_best_checkpoint_reloads_bit_identically(smoke_run, tmp_path):
@@ -317,6 +330,7 @@ def test_cfc_stages_join_into_an_8_class_cascade(shards, tmp_path):
             smooth_window=None,
             address=None,
             flip=None,
+            crops=None,
         )
     )
     assert evaluated["num_classes"] == 8 and np.array(evaluated["metrics"]["confusion"]).shape == (8, 8)

@@ -409,7 +409,7 @@ def test_evaluate_scores_the_imported_model_on_shards(dfew_file, sample_shards, 
     run_import(path, tmp_path / "ckpt")
     args = argparse.Namespace(
         checkpoint=str(tmp_path / "ckpt"), shards=sample_shards, split=None, all=False, batch_size=16,
-        smooth_window=None, address=None, flip=None,
+        smooth_window=None, address=None, flip=None, crops=None,
     )  # fmt: skip
     evaluated = evaluation.main(args)
     # Scored by name on the classes DFEW shares with the shards' ABAW8 labels (all seven; Other left out).

@@ -32,7 +32,7 @@ def test_publictest_sample_through_ingest_and_evaluate(ray_session, tmp_path, ca
     assert mapping == {"angry": "Anger", "disgust": "Disgust", "fear": "Fear", "happy": "Happiness",
                        "neutral": "Neutral", "sad": "Sadness", "surprise": "Surprise"}  # fmt: skip
     args = argparse.Namespace(checkpoint="builtin:fer-minixception", shards=out, split=None, all=False,
-                              batch_size=128, smooth_window=None, address=None, flip=None)  # fmt: skip
+                              batch_size=128, smooth_window=None, address=None, flip=None, crops=None)  # fmt: skip
     summary = evaluation.main(args)
     metrics = summary["metrics"]
     assert summary["num_classes"] == 7 and summary["classes"][0] == "Anger" and metrics["count"] == 403
