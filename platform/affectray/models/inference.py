@@ -46,10 +46,10 @@ __all__ = [
     "Classifier",
     "ClassifierInfo",
     "Preprocessing",
+    "five_crops",
     "inspect_classifier",
     "load_classifier",
     "load_model",
-    "five_crops",
     "predict_batch",
     "prediction_views",
 ]
