@@ -533,6 +533,11 @@ def score_with_test_crops(checkpoint: str, config: FinetuneConfig) -> dict[str, 
     return result.metrics
 
 
+def without_classes(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as the summary reports them: the class names are said once, at its top level."""
+    return {k: v for k, v in metrics.items() if k != "classes"}
+
+
 def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune on Ray Train; returns the job summary (metrics of the best checkpoint and its URI).
 
@@ -610,14 +615,10 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> dict[
         "prepared": prepared,
         "best_step": best["step"],
         "metric": config.eval.metric,
-        "metrics": {k: v for k, v in metrics.items() if k != "classes"},
+        "metrics": without_classes(metrics),
         # With eval.crops: `metrics` are the best checkpoint's with its test-time crops, and these the
         # validation that picked it (without them).
-        **(
-            {"selection_metrics": {k: v for k, v in selection_metrics.items() if k != "classes"}}
-            if selection_metrics
-            else {}
-        ),
+        **({"selection_metrics": without_classes(selection_metrics)} if selection_metrics else {}),
         "test_time": {"flip": config.eval.flip, "crops": config.eval.crops},
         "checkpoint": best_uri,
         "metrics_csv": storage.join(run_uri, METRICS_FILE),
