@@ -1,19 +1,20 @@
-"""The FER2013 recipe's training step four ways side by side: fp32 or bf16, inputs ready or augmented on the worker.
+"""The FER2013 recipe's training step six ways side by side: precision, input, weight layout.
 
-What the recipe's `train.precision: bf16` and `data.augment_on: worker` cost or buy on this
-machine's CPU, without Ray and without data loading: the recipe's model (the built-in
-mini-Xception with its middle-flow blocks), batch size, AdamW and moving average, on
+What the recipe's `train.precision: bf16`, `data.augment_on: worker` and `train.channels_last`
+cost or buy on this machine's CPU, without Ray and without data loading: the recipe's model (the
+built-in mini-Xception with its middle-flow blocks), batch size, AdamW and moving average, on
 uint8 faces of FER2013's size held in memory. "ready" feeds faces already resized to the
 input (what the data tasks hand over when they augment); "worker" runs
 affectray.data.augment.augment_batch on the batch first (crop, flip, jitter, grey,
-normalise), as the recipe's training loop does.
+normalise), as the recipe's training loop does. "nhwc" holds the convolution weights
+channels-last (affectray.models.memory_format), as `train.channels_last` does.
 
 Timing: ``--rounds`` rounds, each timing every variant for ``--seconds`` in the same order,
 so all meet the same background load; faces/s per variant is over all its rounds. bf16 needs
 a CPU with AVX512-BF16 or AMX to be faster (oneDNN); elsewhere it may be slower.
 
 Last line: a JSON object with faces/s per variant and the ratios bf16 / fp32 and
-worker / ready (per precision).
+worker / ready (per precision, NCHW) and nhwc / nchw (per precision, worker inputs).
 
     .venv/bin/python bench/train_step.py [--rounds 2] [--seconds 10]
 """
@@ -45,15 +46,26 @@ def main() -> None:
     from affectray.config import load_config
     from affectray.data.augment import augment_batch
     from affectray.data.loaders import to_model_input
+    from affectray.models.memory_format import to_channels_last
     from affectray.models.minixception import MiniXception, MiniXceptionConfig
     from affectray.train.finetune import FinetuneConfig
 
     config = load_config(FinetuneConfig, str(CONFIG))
     data = dataclasses.replace(config.data, augment_on="worker")
     batch = config.train.batch_size
-    model = MiniXception(MiniXceptionConfig(middle_blocks=tuple(config.model.extra["middle_blocks"])))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+
+    def trainee(layout: str):
+        """The recipe's model, its moving average and optimizer; the same weights in either layout."""
+        torch.manual_seed(0)
+        model = MiniXception(MiniXceptionConfig(middle_blocks=tuple(config.model.extra["middle_blocks"])))
+        if layout == "nhwc":
+            to_channels_last(model)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        return model, ema, optimizer
+
+    trainees = {layout: trainee(layout) for layout in ("nchw", "nhwc")}
+    parameters = sum(p.numel() for p in trainees["nchw"][0].parameters())
     generator = torch.Generator().manual_seed(0)
     stored = torch.randint(0, 256, (4096, 48, 48, 3), dtype=torch.uint8, generator=generator)  # FER2013's 48 px
     resized = torch.nn.functional.interpolate(
@@ -61,9 +73,10 @@ def main() -> None:
     ).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # fmt: skip
     labels = torch.randint(0, 7, (4096,), generator=generator)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {batch}, {data.image_size} px grey, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)  # fmt: skip
+          f"{parameters:,} parameters", flush=True)  # fmt: skip
 
-    def run(precision: str, inputs: str, seconds: float) -> tuple[int, float]:
+    def run(precision: str, inputs: str, layout: str, seconds: float) -> tuple[int, float]:
+        model, ema, optimizer = trainees[layout]
         faces, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             pick = torch.randint(0, 4096, (batch,), generator=generator)
@@ -81,7 +94,8 @@ def main() -> None:
             faces += batch
         return faces, time.perf_counter() - started
 
-    variants = [(p, i) for p in ("fp32", "bf16") for i in ("ready", "worker")]
+    variants = [(p, i, "nchw") for p in ("fp32", "bf16") for i in ("ready", "worker")]
+    variants += [(p, "worker", "nhwc") for p in ("fp32", "bf16")]
     for variant in variants:
         run(*variant, 2.0)  # warm-up: oneDNN's kernels for each dtype
     totals = {v: [0, 0.0] for v in variants}
@@ -90,12 +104,16 @@ def main() -> None:
             faces, seconds = run(*variant, args.seconds)
             totals[variant][0] += faces
             totals[variant][1] += seconds
-            print(f"round {round_ + 1}: {variant[0]:>4} {variant[1]:>6}: {faces / seconds:6.1f} faces/s", flush=True)
-    rate = {f"{p}_{i}": totals[(p, i)][0] / totals[(p, i)][1] for p, i in variants}
+            label = " ".join(f"{part:>6}" for part in variant)
+            print(f"round {round_ + 1}: {label}: {faces / seconds:6.1f} faces/s", flush=True)
+    rate = {"_".join(v): totals[v][0] / totals[v][1] for v in variants}
     result = {
         "faces_per_s": {k: round(v, 1) for k, v in rate.items()},
-        "bf16_over_fp32": {i: round(rate[f"bf16_{i}"] / rate[f"fp32_{i}"], 3) for i in ("ready", "worker")},
-        "worker_over_ready": {p: round(rate[f"{p}_worker"] / rate[f"{p}_ready"], 3) for p in ("fp32", "bf16")},
+        "bf16_over_fp32": {i: round(rate[f"bf16_{i}_nchw"] / rate[f"fp32_{i}_nchw"], 3) for i in ("ready", "worker")},
+        "worker_over_ready": {
+            p: round(rate[f"{p}_worker_nchw"] / rate[f"{p}_ready_nchw"], 3) for p in ("fp32", "bf16")
+        },
+        "nhwc_over_nchw": {p: round(rate[f"{p}_worker_nhwc"] / rate[f"{p}_worker_nchw"], 3) for p in ("fp32", "bf16")},
         "rounds": args.rounds,
         "seconds": args.seconds,
     }

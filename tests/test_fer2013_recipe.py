@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tests.conftest import FER2013, REPO_ROOT
 
 from affectray import checkpoints as ckpt
@@ -89,6 +90,7 @@ def test_the_recipe_ingests_trains_a_7_way_head_and_validates_on_publictest(reci
     assert meta["preprocessing"]["channels"] == 1 and meta["preprocessing"]["crop"] == "box"
     assert meta["preprocessing"]["test_flip"]  # eval.flip: label and predict average the mirror image too
     assert meta["preprocessing"]["test_crops"] == 0.9  # eval.crops: and five crops of each face
+    assert meta["memory_format"] == "channels_last"  # train.channels_last: loaded so, as validated
 
 
 def test_the_runs_figures_are_the_best_checkpoints_with_its_test_time_crops(recipe_run):
@@ -96,6 +98,7 @@ def test_the_runs_figures_are_the_best_checkpoints_with_its_test_time_crops(reci
     first, _, tmp = recipe_run
     assert first["test_time"] == {"flip": True, "crops": 0.9}
     classifier = load_classifier(first["checkpoint"])
+    assert classifier.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     data = dataclasses.replace(load_config(FinetuneConfig, RECIPE).data, root=str(tmp / "shards" / "publictest"))
     scored = {crops: evaluate_model(classifier.model, data, holdout=False, class_view="basic7", flip=True, crops=crops)
               for crops in (None, 0.9)}  # fmt: skip

@@ -14,6 +14,7 @@ from affectray.checkpoints import CheckpointError, save_checkpoint
 from affectray.data.loaders import centred_windows
 from affectray.labels import ABAW8
 from affectray.models.inference import five_crops, load_classifier
+from affectray.models.memory_format import to_channels_last
 from affectray.models.registry import create_model
 
 S = 32
@@ -67,6 +68,32 @@ def test_frame_checkpoint_predicts_what_the_model_says(tmp_path):
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert classifier.predict_track(x[:0]).shape == (0, 8)
+
+
+def test_a_checkpoint_trained_channels_last_loads_so_and_predicts_as_the_model_does(tmp_path):
+    # train.channels_last records memory_format: evaluation and labeling then run validation's kernels.
+    model = frame_model()
+    directory = save_classifier(tmp_path / "ckpt", model)
+    meta_file = tmp_path / "ckpt" / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "memory_format": "channels_last"}))
+    classifier = load_classifier(directory)
+    convolutions = [p for p in classifier.model.parameters() if p.dim() == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert not all(p.is_contiguous() for p in convolutions)  # NHWC, not merely 1x1 kernels
+    x = faces(4)
+    with torch.no_grad():
+        expected = model(normalise(x))["logits"].softmax(-1).numpy()
+    np.testing.assert_allclose(classifier.predict_track(x), expected, atol=1e-5)
+    # Without the record the layout stays torch's default.
+    plain = load_classifier(save_classifier(tmp_path / "plain", model))
+    assert all(p.is_contiguous() for p in plain.model.parameters())
+
+
+def test_channels_last_leaves_a_video_models_5d_weights_as_they_are():
+    # Module.to(memory_format=channels_last) refuses 5-D weights; per-frame 2-D convolutions still convert.
+    model = to_channels_last(torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)))
+    assert model[0].weight.is_contiguous() and model[0].weight.dim() == 5
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last) and not model[1].weight.is_contiguous()
 
 
 def test_test_flip_averages_each_face_with_its_mirror_image(tmp_path):

@@ -12,6 +12,7 @@ classifier carries::
                     "test_flip" (average with the mirror image's prediction),
                     "test_crops" (and with five crops' of this side)}
     outputs        ["expression"] or ["expression", "va"]: the model also predicts valence and arousal
+    memory_format  "channels_last" when it was trained so (train.channels_last): loaded so
 
 so :func:`load_classifier` rebuilds the model from the registry, loads the
 safetensors weights and knows what input it wants. A URI ``builtin:<name>`` names
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from affectray import checkpoints as ckpt
 from affectray.checkpoints import Preprocessing
 from affectray.data.loaders import centred_windows, normalise_pixels
+from affectray.models.memory_format import CHANNELS_LAST, to_channels_last
 
 __all__ = [
     "Classifier",
@@ -263,6 +265,8 @@ def load_classifier(uri: str, device: Any = "cpu") -> Classifier:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         model_id = weights_digest(directory)
+    if meta.get("memory_format") == CHANNELS_LAST:
+        to_channels_last(model)  # as it was trained and validated: the same kernels, the same figures
     return Classifier(model, meta, model_id, device)
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Convolution weights in NHWC (models/memory_format.py): 1.5x the FER2013 recipe's CPU step.
+    # The checkpoints record it, and evaluation and labeling load them so.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         # Caught here, not in the workers: checkpoint_every=0 divided by zero in every retry.
@@ -164,6 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from affectray.models.memory_format import CHANNELS_LAST, to_channels_last
+
     # Progress bars of datasets built here (validation) reach the driver as hundreds of escaped
     # lines; the loop reports its own progress (loss, samples/s, data wait) instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -181,6 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config.get("seed", 0) + rank)
 
     model = task.build_model().to(device)
+    if train_cfg.channels_last:
+        to_channels_last(model)  # before the moving average copies it
     ema = _weight_average(model, optim_cfg.ema_decay)
     groups = (task.param_groups if hasattr(task, "param_groups") else param_groups)(model, optim_cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas)
@@ -248,6 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "metrics": metrics,
             "git_revision": ckpt.git_revision(),
+            **({"memory_format": CHANNELS_LAST} if train_cfg.channels_last else {}),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
