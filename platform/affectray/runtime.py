@@ -24,6 +24,12 @@ logger = logging.getLogger("affectray")
 # logical CPUs than cores (DESIGN.md, "Ray on a small machine").
 MIN_LOCAL_CPUS = 8
 
+# Without a dashboard the local Ray has no State API, and Ray Train's placement-group cleaner asks
+# it every ~2 s whether the run's controller lives, logging this warning each time it cannot:
+# ~3,000 lines in an hour's fine-tune. The local Ray's workers drop that warning, and only it.
+STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Connect to the cluster if there is one, else start a local Ray sized for the pipelines.
@@ -45,8 +51,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         # address="local": without it Ray joins a `ray start` instance of this machine, which
         # refuses num_cpus; the platform's promise is a local Ray of its own.
         with _loopback_only():
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+            ray.init(
+                address="local", num_cpus=cpus, include_dashboard=False,
+                runtime_env={"worker_process_setup_hook": "affectray.runtime.drop_state_api_warnings"},
+            )  # fmt: skip
     return ray
+
+
+def drop_state_api_warnings() -> None:
+    """Every local Ray worker runs this first: the cleaner's State API warning is dropped (see above)."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).addFilter(
+        lambda record: not record.getMessage().startswith(STATE_API_WARNING)
+    )
 
 
 @contextlib.contextmanager
