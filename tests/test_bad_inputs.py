@@ -262,6 +262,22 @@ def test_a_setting_that_cannot_work_is_refused_by_its_key(verb, setting, refusal
     assert_refused(affectray(verb, "--set", setting), refusal)
 
 
+def test_channels_last_is_refused_where_it_would_train_in_fp32_on_the_cpu():
+    # PyTorch's fp32 channels-last backward of a 1x1 stride-2 convolution aborts the process on the CPU.
+    from affectray.config import ConfigError, config_from_dict
+    from affectray.train.finetune import FinetuneConfig
+    from affectray.train.loop import TrainConfig, check_channels_last
+
+    with pytest.raises(ConfigError, match=r"^train.channels_last=True: crashes fp32 training on the CPU"):
+        config_from_dict(FinetuneConfig, {"train": {"channels_last": True, "precision": "fp32"}})
+    auto = TrainConfig(channels_last=True)  # auto: fp32 on the CPU, bf16 on a GPU
+    with pytest.raises(ConfigError, match=r"train.precision: auto is fp32 on the CPU"):
+        check_channels_last(auto, use_gpu=False)
+    check_channels_last(auto, use_gpu=True)
+    check_channels_last(TrainConfig(channels_last=True, precision="bf16"), use_gpu=False)
+    check_channels_last(TrainConfig(precision="fp32"), use_gpu=False)
+
+
 def test_every_training_setting_is_checked_by_its_dotted_key():
     from affectray.config import ConfigError, config_from_dict
     from affectray.train.pretrain import PretrainConfig

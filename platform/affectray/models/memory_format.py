@@ -1,10 +1,12 @@
 """Convolution weights in the channels-last (NHWC) layout: oneDNN's fast path on the CPU.
 
 On this 2-core EPYC the FER2013 recipe's mini-Xception (depthwise-separable convolutions, which
-PyTorch's NCHW CPU kernels run slowly) trains 1.5x and predicts 1.9x faster so
-(``bench/train_step.py``). Opt-in (``train.channels_last``): a model that ``.view()``s a
-convolution's output needs it contiguous. A checkpoint trained so says it (``meta.json``
-``memory_format``) and loads so, so evaluation and labeling run the kernels validation ran.
+PyTorch's NCHW CPU kernels run slowly) trains 1.6x faster so with bf16 autocast
+(``bench/train_step.py``) and predicts 1.9x faster in fp32 (one probe). Its fp32 training
+crashes on the CPU (``train/loop.py``, CHANNELS_LAST_FP32_CRASH), so the loop refuses that.
+Opt-in (``train.channels_last``): a model that ``.view()``s a convolution's output needs it
+contiguous. A checkpoint trained so says it (``meta.json`` ``memory_format``) and loads so,
+so evaluation and labeling run the kernels validation ran.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from affectray import checkpoints as ckpt
 from affectray import storage
-from affectray.config import at_least, check_fields, location, positive
+from affectray.config import ConfigError, FieldError, at_least, check_fields, location, positive
 from affectray.errors import JobError
 
 logger = logging.getLogger("affectray.train")
@@ -66,8 +66,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # Convolution weights in NHWC (models/memory_format.py): 1.5x the FER2013 recipe's CPU step.
-    # The checkpoints record it, and evaluation and labeling load them so.
+    # Convolution weights in NHWC (models/memory_format.py): 1.6x the FER2013 recipe's bf16 CPU step;
+    # refused with fp32 on the CPU (below). Checkpoints record it; evaluation and labeling load them so.
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -76,6 +76,26 @@ class TrainConfig:
             name: (at_least(1), "must be at least 1")
             for name in ("batch_size", "epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints")
         })  # fmt: skip
+        if self.channels_last and self.precision == "fp32":
+            raise FieldError("channels_last", True, CHANNELS_LAST_FP32_CRASH)
+
+
+# Measured with torch 2.14 on this CPU: Conv2d(8, 16, 1, stride=2) with NHWC weights on 60x60
+# inputs aborts the process in its fp32 backward; bf16 autocast takes other kernels (two
+# 30-epoch FER2013 runs), and on a GPU cuDNN does.
+CHANNELS_LAST_FP32_CRASH = (
+    "crashes fp32 training on the CPU (PyTorch's channels-last backward of a 1x1 stride-2 convolution "
+    "frees memory twice); set train.precision: bf16 (a CPU with AVX512-BF16) or train.channels_last: false"
+)
+
+
+def check_channels_last(train_cfg: TrainConfig, use_gpu: bool) -> None:
+    """Refuse channels-last weights where training would run in fp32 on the CPU (precision auto, no GPU)."""
+    if train_cfg.channels_last and not use_gpu and train_cfg.precision != "bf16":
+        raise ConfigError(
+            f"train.channels_last=True: {CHANNELS_LAST_FP32_CRASH} (train.precision: {train_cfg.precision} "
+            "is fp32 on the CPU)"
+        )
 
 
 @dataclass
@@ -457,6 +477,7 @@ def fit(
         dataset.context.enable_progress_bars = False
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = run_cfg.use_gpu == "yes" or (run_cfg.use_gpu == "auto" and gpus >= run_cfg.num_workers)
+    check_channels_last(train_cfg, use_gpu)
     storage_fs, storage_path = storage.pyarrow_filesystem(run_cfg.storage)
     run_uri = storage.join(run_cfg.storage, run_cfg.name)
     newest = tidy_checkpoints(run_uri)
